@@ -1,0 +1,252 @@
+/*
+ * daemon/ — keyledgerd: configuration, startup replay, the command service
+ * (validate against the projection, build events, append, apply after the
+ * append is durable, answer) and the HTTP handlers of the contract.
+ *
+ * One libuv loop thread owns the projection and is the only one that frames
+ * log records; the only other thread is libuv's pool, which runs the write
+ * and fsync of one batch at a time (commit.c).
+ */
+#ifndef KL_DAEMON_H
+#define KL_DAEMON_H
+
+#include <jansson.h>
+#include <uv.h>
+
+#include <llhttp.h>
+
+#include "http.h"
+#include "log.h"
+#include "projections.h"
+
+/* ---- configuration ---------------------------------------------------- */
+
+typedef struct kl_config {
+    char data_dir[4096];
+    char listen_host[256];
+    int listen_port;
+    kl_fsync fsync;
+    bool allow_query_key;
+    char key_prefix[KL_PREFIX_MAX + 1];
+    uint64_t segment_bytes;
+    kl_http_config http;
+    kl_level log_level;
+} kl_config;
+
+void kl_config_defaults(kl_config *cfg);
+/* Applies a JSON config file over cfg. */
+int kl_config_load(kl_config *cfg, const char *path, kl_err *err);
+/* "HOST:PORT" or "[v6]:PORT". */
+int kl_config_listen(kl_config *cfg, const char *text, kl_err *err);
+int kl_config_fsync(kl_config *cfg, const char *text, kl_err *err);
+
+/* ---- the daemon ------------------------------------------------------- */
+
+typedef struct kl_cmd kl_cmd;
+typedef struct kl_commit kl_commit;
+typedef struct kl_idem_cache kl_idem_cache;
+
+typedef struct kl_daemon {
+    kl_config cfg;
+    kl_logger logger;
+    uv_loop_t *loop;
+    kl_log *log;
+    kl_proj *proj;
+    kl_commit *commit;
+    kl_http_server *http;
+    kl_idgen ids;
+    kl_idem_cache *idem;
+    bool ready;                 /* replay done */
+    bool stopping;
+    uv_signal_t sigterm, sigint;
+    uint64_t replay_ns;
+    int exit_code;              /* what main returns */
+} kl_daemon;
+
+/* Stop serving: stop accepting, finish requests in flight, flush, and
+ * exit with `exit_code` (main.c). */
+void kl_daemon_stop(kl_daemon *d, int exit_code);
+
+/* ---- the command service (commit.c) ---------------------------------- */
+
+/*
+ * A write request on its way to the log. Handlers fill in what the request
+ * asked for, the ids of the entities it will change (locks), a decide
+ * function and a render function, then call kl_cmd_submit.
+ *
+ * decide runs when none of the locked ids has an event waiting to become
+ * durable, so it sees every earlier write that touches the same entities;
+ * it checks the request against the projection and appends events with
+ * kl_cmd_event, or answers an error and returns non-zero. After the events
+ * are durable and applied, render answers the request. If the write fails,
+ * the command service answers 503 itself.
+ */
+enum { KL_CMD_MAX_LOCKS = 4 };
+
+typedef struct kl_caller {
+    kl_key *key;                /* the key that authenticated */
+    kl_org *org;
+    kl_ref principal;           /* the key's owner */
+    kl_role role;               /* the owner's current role */
+} kl_caller;
+
+typedef int (*kl_cmd_fn)(kl_daemon *d, kl_cmd *c);
+
+struct kl_cmd {
+    kl_cmd *next;               /* in the commit queues */
+    kl_http_request *req;       /* NULL for internal writes */
+    kl_caller caller;
+    kl_id locks[KL_CMD_MAX_LOCKS];
+    int nlocks;
+    kl_cmd_fn decide;
+    kl_cmd_fn render;
+    int64_t now;                /* the time stamped on its events */
+    kl_buf events;              /* encoded event bodies, back to back */
+    uint32_t event_ends[8];     /* where each body ends in events */
+    uint32_t nevents;
+    uint64_t first_seq;         /* set once framed */
+    /* Idempotency-Key, when the request had one. */
+    bool has_idem;
+    char idem_key[256];
+    kl_id idem_slot;
+    uint8_t idem_fp[16];
+    /* What the handler parsed, for decide and render. */
+    json_t *body;               /* owned */
+    kl_id target;
+    void *data;                 /* handler's own, freed with free() */
+    char secret[KL_SECRET_MAX]; /* a new key's secret, shown once */
+};
+
+/* Allocates a command for `req` with the caller stamped in. */
+kl_cmd *kl_cmd_new(kl_daemon *d, kl_http_request *req, const kl_caller *c);
+void kl_cmd_free(kl_cmd *c);
+void kl_cmd_lock(kl_cmd *c, const kl_id *id);
+/* Encode one event; fills org, actor, request id, ts and idempotency. */
+int kl_cmd_event(kl_daemon *d, kl_cmd *c, kl_event *ev);
+/* Takes ownership of c: decides (now or when its locks free up), appends,
+ * applies, renders. */
+void kl_cmd_submit(kl_daemon *d, kl_cmd *c);
+
+int kl_commit_new(kl_daemon *d, kl_commit **out);
+/* Finish what is queued, then call on_done (for shutdown). */
+void kl_commit_drain(kl_commit *c, void (*on_done)(kl_daemon *d));
+void kl_commit_free(kl_commit *c);
+/* Why writes are refused now, or NULL when they are accepted. */
+const char *kl_commit_unavailable(const kl_commit *c);
+
+/* ---- idempotency (idem.c) -------------------------------------------- */
+
+int kl_idem_cache_new(kl_idem_cache **out);
+void kl_idem_cache_free(kl_idem_cache *c);
+/* Remember a response (while this process lives). */
+void kl_idem_cache_put(kl_idem_cache *c, const kl_id *slot, int status,
+                       const char *body, size_t len, int64_t now);
+/* A remembered response, or NULL. */
+int kl_idem_cache_get(kl_idem_cache *c, const kl_id *slot, int64_t now,
+                      const char **body, size_t *len, int *status);
+
+/* Pagination: limit (1..500, default 50) and cursor (an id of `kind`). */
+typedef struct kl_page {
+    uint32_t limit;
+    bool has_cursor;
+    kl_id cursor;
+} kl_page;
+
+/* ---- handlers (api.c and api_*.c) ------------------------------------- */
+
+extern const kl_http_route kl_routes[];
+
+/* Route handlers (the table is in routes.c). */
+void kl_h_healthz(kl_http_request *req);
+void kl_h_readyz(kl_http_request *req);
+void kl_h_me(kl_http_request *req);
+void kl_h_org(kl_http_request *req);
+void kl_h_keys_create(kl_http_request *req);
+void kl_h_keys_list(kl_http_request *req);
+void kl_h_keys_get(kl_http_request *req);
+void kl_h_keys_update(kl_http_request *req);
+void kl_h_keys_delete(kl_http_request *req);
+void kl_h_keys_regenerate(kl_http_request *req);
+void kl_h_keys_revoke(kl_http_request *req);
+
+/* A key for `owner` (POST /v1/api-keys and the per-owner routes). */
+void kl_keys_create_for(kl_daemon *d, kl_http_request *req,
+                        const kl_caller *caller, const kl_ref *owner);
+/* One page of the org's keys, optionally of one owner only. */
+void kl_daemon_list_keys(kl_daemon *d, kl_http_request *req, const kl_org *org,
+                         const kl_page *pg, bool include_revoked,
+                         const kl_ref *owner);
+
+/* Access a handler needs. */
+typedef enum {
+    KL_NEED_ANY = 0,            /* any valid key (GET /v1/me) */
+    KL_NEED_READ,               /* management read: owner/manager, not flows */
+    KL_NEED_WRITE               /* management write: also not read_only */
+} kl_need;
+
+/* Authenticates and authorizes; on failure answers the request and returns
+ * non-zero. */
+int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c);
+/* Checks Content-Type and parses the body as a JSON object whose keys are
+ * all in `allowed` (NULL-terminated). An empty body is {}. Answers the request and returns non-zero on failure. */
+int kl_api_body(kl_http_request *req, const char *const *allowed, json_t **out);
+/* If-Match: "<version>" against `version`; answers 412 and returns non-zero
+ * on mismatch, 400 when malformed. */
+int kl_api_if_match(kl_http_request *req, uint64_t version);
+/* Reads Idempotency-Key into c (and locks its slot); answers 400 and
+ * returns non-zero when it is malformed. */
+int kl_api_idempotency(kl_daemon *d, kl_cmd *c);
+/* Called by the command service before decide: answers a replay (or 422
+ * for a different request with the same key) and returns non-zero, or 0
+ * when this is the first request with the key. */
+int kl_api_idem_replay(kl_daemon *d, kl_cmd *c);
+/* Answer a command with `body` (dumped and freed; NULL for 204) and keep the
+ * answer for Idempotency-Key replays. */
+void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body);
+/* Path parameter i as an id of `kind` that belongs to the caller's org;
+ * answers 404 otherwise. */
+int kl_api_path_id(kl_http_request *req, int i, kl_id_kind kind, kl_id *out);
+
+/* Typed body fields: 1 present (in *out), 0 absent, -1 invalid (answered
+ * 400 naming `field`). Strings are borrowed from obj. */
+int kl_api_get_str(kl_http_request *req, json_t *obj, const char *key,
+                   const char *field, size_t min_chars, size_t max_chars,
+                   kl_str *out);
+/* The same check on a value already in hand (list elements). */
+int kl_api_str_value(kl_http_request *req, json_t *v, const char *field,
+                     size_t min_chars, size_t max_chars, kl_str *out);
+int kl_api_get_uint(kl_http_request *req, json_t *obj, const char *key,
+                    const char *field, uint64_t min, uint64_t max, uint64_t *out);
+int kl_api_get_time(kl_http_request *req, json_t *obj, const char *key,
+                    const char *field, int64_t *out);
+int kl_api_get_bool(kl_http_request *req, json_t *obj, const char *key,
+                    const char *field, bool *out);
+/* A nested object's keys must all be in `allowed` ("parent.key" named). */
+int kl_api_only_fields(kl_http_request *req, json_t *obj, const char *parent,
+                       const char *const *allowed);
+void kl_api_bad_arg(kl_http_request *req, const char *field, const char *message);
+
+/* Answers: JSON body (dumped and freed), error, no content. */
+void kl_api_json(kl_http_request *req, int status, json_t *body,
+                 const char *headers);
+void kl_api_error(kl_http_request *req, int status, const char *code,
+                  const char *message, const char *field);
+void kl_api_no_content(kl_http_request *req);
+
+int kl_api_page(kl_http_request *req, kl_id_kind kind, kl_page *pg);
+/* {"<name>": items, "next_cursor": last id or null} */
+json_t *kl_api_page_body(const char *name, json_t *items, kl_id_kind kind,
+                         const kl_id *last, bool more);
+
+/* Rendering entities (render.c). */
+json_t *kl_render_key(const kl_key *k, int64_t now);
+json_t *kl_render_org(const kl_org *o);
+json_t *kl_render_user(const kl_user *u);
+json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
+json_t *kl_json_time(int64_t ms);
+json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */
+
+/* The time used for a request: wall clock in ms. */
+int64_t kl_daemon_now(const kl_daemon *d);
+
+#endif

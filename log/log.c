@@ -1,0 +1,946 @@
+/*
+ * The event log on disk.
+ *
+ * A data dir holds:
+ *
+ *   LOCK        flock()ed by the one writer (daemon or writing tool); holds
+ *               the writer's pid, for the error message of the next one.
+ *   MANIFEST    a few text lines, replaced atomically (temp, fsync, rename,
+ *               fsync dir):
+ *                 keyledger-manifest 1
+ *                 first 00000000000000000001.log
+ *                 last 00000000000000001234.log
+ *               "first" is where the log begins, "last" the newest segment
+ *               known when the manifest was written (a newer one may exist
+ *               after a crash during a roll; an older one missing is damage).
+ *   NNNNNNNNNNNNNNNNNNNN.log   segments, named by their first seq (20 digits).
+ *
+ * A segment is a 64-byte header followed by records, all integers little
+ * endian:
+ *
+ *   header:  magic "KLEDGERL" (8) | format version u32 (1) | header size u32
+ *            (64) | first seq u64 | chain hash carried in (32) | reserved u32
+ *            (0) | CRC-32C of the 60 bytes before it u32
+ *   record:  payload length u32 | CRC-32C of the payload u32 | payload
+ *
+ * A payload is a msgpack array (log/event.c) whose first three elements are
+ * written with fixed encodings so they can be read without a parser:
+ *
+ *   0x99 | 0xcf seq (u64 big endian) | 0xc4 0x20 prev (32 bytes) | ...
+ *
+ * The hash chain: prev is the hash of the record before (zeros for seq 1),
+ * and a record's hash is SHA-256 of its whole payload, so each hash covers
+ * the one before it. A segment header carries the hash of the record before
+ * its first one.
+ *
+ * A record is valid when its length is within 1..KL_LOG_MAX_RECORD, it lies
+ * wholly inside the file, its CRC matches, its payload starts with the fixed
+ * prefix, and its seq is one more than the record before it.
+ *
+ * Recovery (kl_log_open): every segment but the last must be valid to its
+ * end. In the last, the first invalid record is a torn tail when no valid
+ * record starts anywhere after it: the file is cut there and fsynced, and
+ * the cut is reported. If a valid record does follow, that is damage and the
+ * open fails naming the segment and offset. Startup checks CRCs and links
+ * between segments; the full chain (every prev against the hash of the
+ * record before) is checked by kl_log_verify, which `keyledger verify` runs.
+ *
+ * Writing: kl_log_frame builds records in memory and advances the head;
+ * kl_log_write puts a batch at the end of the last segment with pwrite and
+ * syncs it. A failed or short write is cut back so the file ends on a record
+ * boundary again. A failed fsync makes the log read-only for good: the
+ * kernel may have dropped the dirty pages, so a later fsync proves nothing.
+ */
+#include "log.h"
+
+#include <dirent.h>
+#include <stdarg.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+enum {
+    HEADER_SIZE = 64,
+    FORMAT_VERSION = 1,
+    PREFIX_SIZE = 44,            /* 0x99, seq (9), prev (34) */
+    MAX_SEGMENTS = 1 << 20
+};
+#define KL_LOG_MAX_RECORD (1u << 20)
+static const char MAGIC[8] = {'K', 'L', 'E', 'D', 'G', 'E', 'R', 'L'};
+
+typedef struct segment {
+    uint64_t first_seq;
+    uint64_t size;              /* bytes that are valid (after any cut) */
+} segment;
+
+struct kl_log {
+    kl_log_config cfg;
+    char *dir;
+    int lock_fd;
+    int fd;                     /* the last segment, open for writing */
+    segment *segs;
+    size_t nsegs, cap_segs;
+    uint64_t head_seq;          /* last framed record */
+    uint8_t head_hash[KL_HASH_LEN];
+    bool failed;                /* an fsync failed: read-only until reopened */
+};
+
+/* ---- small helpers ---------------------------------------------------- */
+
+/* Errors about a place in the log name the segment and the byte offset, in
+ * the message and in err->segment / err->offset. */
+__attribute__((format(printf, 4, 5)))
+static void err_where(kl_err *err, const char *seg, uint64_t offset,
+                      const char *fmt, ...)
+{
+    char what[384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    kl_err_set(err, "segment %s offset %" PRIu64 ": %s", seg, offset, what);
+    snprintf(err->segment, sizeof err->segment, "%s", seg);
+    err->offset = offset;
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+}
+static void put_u64(uint8_t *p, uint64_t v)
+{
+    put_u32(p, (uint32_t)v);
+    put_u32(p + 4, (uint32_t)(v >> 32));
+}
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+static uint64_t get_u64(const uint8_t *p)
+{
+    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
+}
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static void segment_name(uint64_t first_seq, char out[32])
+{
+    snprintf(out, 32, "%020" PRIu64 ".log", first_seq);
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p != NULL)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static int write_all(int fd, const void *p, size_t n, off_t off)
+{
+    const char *c = p;
+    while (n > 0) {
+        ssize_t w = pwrite(fd, c, n, off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == ENOSPC || errno == EDQUOT ? KL_ENOSPC : KL_EIO;
+        }
+        if (w == 0)
+            return KL_ENOSPC;
+        c += w;
+        n -= (size_t)w;
+        off += w;
+    }
+    return KL_OK;
+}
+
+static int fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return KL_EIO;
+    int rc = fsync(fd) == 0 ? KL_OK : KL_EIO;
+    close(fd);
+    return rc;
+}
+
+/* temp -> write -> fsync -> rename -> fsync dir: the file is either the old
+ * one or the new one after any crash. */
+static int write_file_atomic(const char *dir, const char *name, const void *data,
+                             size_t len, kl_err *err)
+{
+    int rc = KL_EIO, fd = -1;
+    char tmpname[64];
+    snprintf(tmpname, sizeof tmpname, "%s.tmp", name);
+    char *tmp = path_join(dir, tmpname), *dst = path_join(dir, name);
+    if (tmp == NULL || dst == NULL) {
+        rc = KL_ENOMEM;
+        goto cleanup;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        kl_err_set(err, "create %s: %s", tmp, strerror(errno));
+        goto cleanup;
+    }
+    rc = write_all(fd, data, len, 0);
+    if (rc != KL_OK) {
+        kl_err_set(err, "write %s: %s", tmp, strerror(errno));
+        goto cleanup;
+    }
+    if (fsync(fd) != 0 || rename(tmp, dst) != 0 || fsync_dir(dir) != KL_OK) {
+        kl_err_set(err, "replace %s: %s", dst, strerror(errno));
+        rc = KL_EIO;
+        goto cleanup;
+    }
+    rc = KL_OK;
+cleanup:
+    if (fd >= 0)
+        close(fd);
+    if (rc != KL_OK && tmp != NULL)
+        unlink(tmp);
+    free(tmp);
+    free(dst);
+    return rc;
+}
+
+static int write_manifest(const char *dir, uint64_t first, uint64_t last,
+                          kl_err *err)
+{
+    char a[32], b[32], text[160];
+    segment_name(first, a);
+    segment_name(last, b);
+    int n = snprintf(text, sizeof text, "keyledger-manifest 1\nfirst %s\nlast %s\n",
+                     a, b);
+    return write_file_atomic(dir, "MANIFEST", text, (size_t)n, err);
+}
+
+static int read_manifest(const char *dir, uint64_t *first, uint64_t *last,
+                         kl_err *err)
+{
+    char *path = path_join(dir, "MANIFEST");
+    if (path == NULL)
+        return KL_ENOMEM;
+    FILE *fp = fopen(path, "re");
+    free(path);
+    if (fp == NULL) {
+        kl_err_set(err, "no keyledger log in %s (MANIFEST: %s); create one "
+                   "with `keyledger init`", dir, strerror(errno));
+        return KL_ENOENT;
+    }
+    char text[256];
+    size_t n = fread(text, 1, sizeof text - 1, fp);
+    fclose(fp);
+    text[n] = '\0';
+    unsigned long long f, l;
+    if (sscanf(text, "keyledger-manifest 1\nfirst %20llu.log\nlast %20llu.log\n",
+               &f, &l) != 2 || f == 0 || l < f) {
+        kl_err_set(err, "%s/MANIFEST is not a keyledger manifest of format 1",
+                   dir);
+        return KL_ECORRUPT;
+    }
+    *first = f;
+    *last = l;
+    return KL_OK;
+}
+
+static void header_build(uint8_t h[HEADER_SIZE], uint64_t first_seq,
+                         const uint8_t prev[KL_HASH_LEN])
+{
+    memset(h, 0, HEADER_SIZE);
+    memcpy(h, MAGIC, 8);
+    put_u32(h + 8, FORMAT_VERSION);
+    put_u32(h + 12, HEADER_SIZE);
+    put_u64(h + 16, first_seq);
+    memcpy(h + 24, prev, KL_HASH_LEN);
+    put_u32(h + 60, kl_crc32c(0, h, 60));
+}
+
+/* Creates a segment whole (temp + rename) so a segment file with its final
+ * name always has a complete header. */
+static int segment_create(const char *dir, uint64_t first_seq,
+                          const uint8_t prev[KL_HASH_LEN], kl_err *err)
+{
+    uint8_t h[HEADER_SIZE];
+    char name[32];
+    header_build(h, first_seq, prev);
+    segment_name(first_seq, name);
+    return write_file_atomic(dir, name, h, sizeof h, err);
+}
+
+/* ---- reading segments -------------------------------------------------- */
+
+typedef struct mapped {
+    const uint8_t *data;
+    size_t size;
+} mapped;
+
+static int segment_map(const char *dir, uint64_t first_seq, mapped *m, kl_err *err)
+{
+    char name[32];
+    segment_name(first_seq, name);
+    char *path = path_join(dir, name);
+    if (path == NULL)
+        return KL_ENOMEM;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    free(path);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        kl_err_set(err, "segment %s: %s", name, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return KL_EIO;
+    }
+    m->size = (size_t)st.st_size;
+    m->data = NULL;
+    if (m->size > 0) {
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            kl_err_set(err, "segment %s: mmap: %s", name, strerror(errno));
+            close(fd);
+            return KL_EIO;
+        }
+        madvise(p, m->size, MADV_SEQUENTIAL);
+        m->data = p;
+    }
+    close(fd);
+    return KL_OK;
+}
+
+static void segment_unmap(mapped *m)
+{
+    if (m->data != NULL)
+        munmap((void *)m->data, m->size);
+    m->data = NULL;
+}
+
+typedef enum { REC_OK = 0, REC_TORN, REC_BAD } rec_status;
+
+/* Checks the record at `off`: framing, CRC and the fixed payload prefix.
+ * REC_TORN: it runs past the end of the file. */
+static rec_status record_check(const mapped *m, size_t off, uint32_t *len_out,
+                               uint64_t *seq_out)
+{
+    if (m->size - off < 8)
+        return REC_TORN;
+    uint32_t len = get_u32(m->data + off);
+    if (len < PREFIX_SIZE || len > KL_LOG_MAX_RECORD)
+        return REC_BAD;
+    if (m->size - off - 8 < len)
+        return REC_TORN;
+    const uint8_t *p = m->data + off + 8;
+    if (p[0] != 0x99 || p[1] != 0xcf || p[10] != 0xc4 || p[11] != 0x20)
+        return REC_BAD;
+    if (kl_crc32c(0, p, len) != get_u32(m->data + off + 4))
+        return REC_BAD;
+    *len_out = len;
+    *seq_out = get_be64(p + 2);
+    return REC_OK;
+}
+
+/* After an invalid record at `bad`: does a valid record start anywhere
+ * later? Then the invalid one is damage, not a torn tail. */
+static bool valid_record_after(const mapped *m, size_t bad)
+{
+    for (size_t off = bad + 1; off + 8 + PREFIX_SIZE <= m->size; off++) {
+        const uint8_t *p = m->data + off + 8;
+        if (p[0] != 0x99 || p[1] != 0xcf || p[10] != 0xc4 || p[11] != 0x20)
+            continue;           /* cheap filter before the CRC */
+        uint32_t len;
+        uint64_t seq;
+        if (record_check(m, off, &len, &seq) == REC_OK)
+            return true;
+    }
+    return false;
+}
+
+static int header_check(const mapped *m, uint64_t first_seq, const char *name,
+                        uint8_t prev[KL_HASH_LEN], kl_err *err)
+{
+    const uint8_t *h = m->data;
+    if (m->size < HEADER_SIZE || memcmp(h, MAGIC, 8) != 0 ||
+        get_u32(h + 60) != kl_crc32c(0, h, 60)) {
+        err_where(err, name, 0, "bad segment header");
+        return KL_ECORRUPT;
+    }
+    if (get_u32(h + 8) != FORMAT_VERSION || get_u32(h + 12) != HEADER_SIZE) {
+        kl_err_set(err, "segment %s: format version %u is not supported",
+                   name, get_u32(h + 8));
+        return KL_EUNKNOWN;
+    }
+    if (get_u64(h + 16) != first_seq) {
+        err_where(err, name, 16, "header says first seq %" PRIu64,
+                  get_u64(h + 16));
+        return KL_ECORRUPT;
+    }
+    memcpy(prev, h + 24, KL_HASH_LEN);
+    return KL_OK;
+}
+
+/* ---- listing --------------------------------------------------------- */
+
+static int cmp_seg(const void *a, const void *b)
+{
+    uint64_t x = ((const segment *)a)->first_seq, y = ((const segment *)b)->first_seq;
+    return x < y ? -1 : x > y;
+}
+
+static int segs_push(kl_log *log, uint64_t first)
+{
+    if (log->nsegs == log->cap_segs) {
+        size_t cap = log->cap_segs ? log->cap_segs * 2 : 16;
+        segment *p = realloc(log->segs, cap * sizeof *p);
+        if (p == NULL)
+            return KL_ENOMEM;
+        log->segs = p;
+        log->cap_segs = cap;
+    }
+    log->segs[log->nsegs++] = (segment){first, 0};
+    return KL_OK;
+}
+
+static bool parse_segment_name(const char *n, uint64_t *first)
+{
+    if (strlen(n) != 24 || strcmp(n + 20, ".log") != 0)
+        return false;
+    uint64_t v = 0;
+    for (int i = 0; i < 20; i++) {
+        if (n[i] < '0' || n[i] > '9')
+            return false;
+        v = v * 10 + (uint64_t)(n[i] - '0');
+    }
+    *first = v;
+    return v > 0;
+}
+
+static int list_segments(kl_log *log, uint64_t first, uint64_t last, kl_err *err)
+{
+    DIR *d = opendir(log->dir);
+    if (d == NULL) {
+        kl_err_set(err, "open data dir %s: %s", log->dir, strerror(errno));
+        return KL_EIO;
+    }
+    int rc = KL_OK;
+    struct dirent *de;
+    while (rc == KL_OK && (de = readdir(d)) != NULL) {
+        uint64_t s;
+        if (parse_segment_name(de->d_name, &s) && s >= first) {
+            if (log->nsegs >= MAX_SEGMENTS) {
+                kl_err_set(err, "more than %d segments in %s", MAX_SEGMENTS,
+                           log->dir);
+                rc = KL_ECORRUPT;
+            } else {
+                rc = segs_push(log, s);
+            }
+        }
+    }
+    closedir(d);
+    if (rc != KL_OK)
+        return rc;
+    qsort(log->segs, log->nsegs, sizeof *log->segs, cmp_seg);
+    if (log->nsegs == 0 || log->segs[0].first_seq != first) {
+        char name[32];
+        segment_name(first, name);
+        kl_err_set(err, "segment %s named in MANIFEST is missing from %s", name,
+                   log->dir);
+        return KL_ECORRUPT;
+    }
+    if (log->segs[log->nsegs - 1].first_seq < last) {
+        char name[32];
+        segment_name(last, name);
+        kl_err_set(err, "segment %s named in MANIFEST is missing from %s", name,
+                   log->dir);
+        return KL_ECORRUPT;
+    }
+    return KL_OK;
+}
+
+/* ---- open and recovery ------------------------------------------------ */
+
+void kl_log_config_defaults(kl_log_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->segment_bytes = 64u << 20;
+    cfg->fsync = KL_FSYNC_ALWAYS;
+}
+
+static int lock_dir(kl_log *log, kl_err *err)
+{
+    char *path = path_join(log->dir, "LOCK");
+    if (path == NULL)
+        return KL_ENOMEM;
+    log->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    free(path);
+    if (log->lock_fd < 0) {
+        kl_err_set(err, "open %s/LOCK: %s", log->dir, strerror(errno));
+        return KL_EIO;
+    }
+    if (flock(log->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        char pid[32] = "";
+        ssize_t n = pread(log->lock_fd, pid, sizeof pid - 1, 0);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        kl_err_set(err, "data dir %s is in use by another keyledger process%s%s%s",
+                   log->dir, pid[0] ? " (pid " : "", pid, pid[0] ? ")" : "");
+        return KL_ELOCKED;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(log->lock_fd, 0) != 0 ||
+        write_all(log->lock_fd, pid, (size_t)n, 0) != KL_OK) {
+        kl_err_set(err, "write %s/LOCK: %s", log->dir, strerror(errno));
+        return KL_EIO;
+    }
+    return KL_OK;
+}
+
+/* Walks one segment's records, checking sequence. Sets seg->size to the end
+ * of the last valid record; *bad_at to the first invalid one (or the size). */
+static int segment_scan(kl_log *log, segment *seg, bool is_last,
+                        uint64_t *expect_seq, uint8_t hash[KL_HASH_LEN],
+                        kl_log_recovery *rec, kl_err *err)
+{
+    mapped m;
+    char name[32];
+    segment_name(seg->first_seq, name);
+    int rc = segment_map(log->dir, seg->first_seq, &m, err);
+    if (rc != KL_OK)
+        return rc;
+    uint8_t carried[KL_HASH_LEN];
+    rc = header_check(&m, seg->first_seq, name, carried, err);
+    if (rc != KL_OK)
+        goto cleanup;
+    if (seg->first_seq != *expect_seq) {
+        err_where(err, name, 0, "expected first seq %" PRIu64
+                   " (a segment is missing?)", *expect_seq);
+        rc = KL_ECORRUPT;
+        goto cleanup;
+    }
+    if (memcmp(carried, hash, KL_HASH_LEN) != 0) {
+        err_where(err, name, 24, "carried chain hash does not "
+                   "match the previous segment's last record");
+        rc = KL_ECORRUPT;
+        goto cleanup;
+    }
+    size_t off = HEADER_SIZE, last_off = 0;
+    uint32_t last_len = 0;
+    while (off < m.size) {
+        uint32_t len;
+        uint64_t seq;
+        rec_status st = record_check(&m, off, &len, &seq);
+        if (st == REC_OK && seq != *expect_seq) {
+            err_where(err, name, off, "seq %" PRIu64 " where %"
+                       PRIu64 " was expected", seq, *expect_seq);
+            rc = KL_ECORRUPT;
+            goto cleanup;
+        }
+        if (st != REC_OK) {
+            if (!is_last || valid_record_after(&m, off)) {
+                err_where(err, name, off, "%s record",
+                           st == REC_TORN ? "truncated" : "corrupt");
+                rc = KL_ECORRUPT;
+                goto cleanup;
+            }
+            rec->torn_bytes = m.size - off;
+            rec->torn_offset = off;
+            memcpy(rec->torn_segment, name, sizeof name);
+            break;
+        }
+        if (off == HEADER_SIZE &&
+            memcmp(m.data + off + 8 + 12, carried, KL_HASH_LEN) != 0) {
+            err_where(err, name, off, "first record's prev does "
+                       "not match the segment header");
+            rc = KL_ECORRUPT;
+            goto cleanup;
+        }
+        last_off = off;
+        last_len = len;
+        off += 8 + (size_t)len;
+        (*expect_seq)++;
+        rec->records++;
+    }
+    seg->size = rec->torn_bytes != 0 && is_last ? rec->torn_offset : off;
+    if (last_len != 0)
+        kl_sha256(m.data + last_off + 8, last_len, hash);
+    rc = KL_OK;
+cleanup:
+    segment_unmap(&m);
+    return rc;
+}
+
+int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
+                kl_err *err)
+{
+    int rc;
+    uint64_t first, last;
+    kl_log *log = calloc(1, sizeof *log);
+    if (log == NULL)
+        return KL_ENOMEM;
+    memset(rec, 0, sizeof *rec);
+    log->cfg = *cfg;
+    log->lock_fd = log->fd = -1;
+    log->dir = strdup(cfg->dir);
+    if (log->dir == NULL) {
+        rc = KL_ENOMEM;
+        goto cleanup;
+    }
+    log->cfg.dir = log->dir;
+    if ((rc = read_manifest(log->dir, &first, &last, err)) != KL_OK)
+        goto cleanup;
+    if (!cfg->read_only && (rc = lock_dir(log, err)) != KL_OK)
+        goto cleanup;
+    if ((rc = list_segments(log, first, last, err)) != KL_OK)
+        goto cleanup;
+
+    uint64_t expect = first;
+    memset(log->head_hash, 0, KL_HASH_LEN);
+    if (first != 1) {
+        /* A compacted log starts later: the carried hash is the chain head
+         * before it, taken from the first segment's header. */
+        mapped m;
+        char name[32];
+        segment_name(first, name);
+        if ((rc = segment_map(log->dir, first, &m, err)) != KL_OK)
+            goto cleanup;
+        rc = header_check(&m, first, name, log->head_hash, err);
+        segment_unmap(&m);
+        if (rc != KL_OK)
+            goto cleanup;
+    }
+    for (size_t i = 0; i < log->nsegs; i++) {
+        rc = segment_scan(log, &log->segs[i], i + 1 == log->nsegs, &expect,
+                          log->head_hash, rec, err);
+        if (rc != KL_OK)
+            goto cleanup;
+    }
+    log->head_seq = expect - 1;
+
+    segment *tail = &log->segs[log->nsegs - 1];
+    char name[32];
+    segment_name(tail->first_seq, name);
+    if (!cfg->read_only) {
+        char *path = path_join(log->dir, name);
+        if (path == NULL) {
+            rc = KL_ENOMEM;
+            goto cleanup;
+        }
+        log->fd = open(path, O_RDWR | O_CLOEXEC);
+        free(path);
+        if (log->fd < 0) {
+            kl_err_set(err, "open segment %s: %s", name, strerror(errno));
+            rc = KL_EIO;
+            goto cleanup;
+        }
+        if (rec->torn_bytes != 0 &&
+            (ftruncate(log->fd, (off_t)tail->size) != 0 || fsync(log->fd) != 0)) {
+            kl_err_set(err, "cut torn tail of %s: %s", name, strerror(errno));
+            rc = KL_EIO;
+            goto cleanup;
+        }
+        if (tail->first_seq != last &&
+            (rc = write_manifest(log->dir, first, tail->first_seq, err)) != KL_OK)
+            goto cleanup;
+    }
+    *out = log;
+    return KL_OK;
+cleanup:
+    kl_log_close(log);
+    return rc;
+}
+
+void kl_log_close(kl_log *log)
+{
+    if (log == NULL)
+        return;
+    if (log->fd >= 0)
+        close(log->fd);
+    if (log->lock_fd >= 0)
+        close(log->lock_fd);   /* releases the flock */
+    free(log->segs);
+    free(log->dir);
+    free(log);
+}
+
+int kl_log_create(const kl_log_config *cfg, kl_err *err)
+{
+    if (mkdir(cfg->dir, 0700) != 0 && errno != EEXIST) {
+        kl_err_set(err, "create data dir %s: %s", cfg->dir, strerror(errno));
+        return KL_EIO;
+    }
+    char *path = path_join(cfg->dir, "MANIFEST");
+    if (path == NULL)
+        return KL_ENOMEM;
+    bool exists = access(path, F_OK) == 0;
+    free(path);
+    char seg[32];
+    segment_name(1, seg);
+    path = path_join(cfg->dir, seg);
+    if (path == NULL)
+        return KL_ENOMEM;
+    exists = exists || access(path, F_OK) == 0;
+    free(path);
+    if (exists) {
+        kl_err_set(err, "%s already holds a keyledger log", cfg->dir);
+        return KL_EEXIST;
+    }
+    static const uint8_t zero[KL_HASH_LEN];
+    int rc = segment_create(cfg->dir, 1, zero, err);
+    if (rc == KL_OK)
+        rc = write_manifest(cfg->dir, 1, 1, err);
+    return rc;
+}
+
+/* ---- replay ---------------------------------------------------------- */
+
+int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
+                  kl_log_record_fn fn, void *arg, kl_err *err)
+{
+    uint64_t expect = log->segs[0].first_seq;
+    uint8_t hash[KL_HASH_LEN];
+    for (size_t i = 0; i < log->nsegs; i++) {
+        segment *seg = &log->segs[i];
+        if (i + 1 < log->nsegs && log->segs[i + 1].first_seq <= from_seq) {
+            expect = log->segs[i + 1].first_seq;
+            continue;           /* wholly before from_seq */
+        }
+        char name[32];
+        segment_name(seg->first_seq, name);
+        mapped m;
+        int rc = segment_map(log->dir, seg->first_seq, &m, err);
+        if (rc != KL_OK)
+            return rc;
+        if (m.size < seg->size || m.size < HEADER_SIZE) {
+            kl_err_set(err, "segment %s shrank while reading", name);
+            segment_unmap(&m);
+            return KL_ECORRUPT;
+        }
+        memcpy(hash, m.data + 24, KL_HASH_LEN);
+        size_t off = HEADER_SIZE;
+        /* Only what open checked: records appended since are not read. */
+        while (off < seg->size && expect <= log->head_seq) {
+            uint32_t len;
+            uint64_t seq;
+            if (record_check(&m, off, &len, &seq) != REC_OK || seq != expect) {
+                err_where(err, name, off, "record changed while "
+                           "reading");
+                segment_unmap(&m);
+                return KL_ECORRUPT;
+            }
+            const uint8_t *p = m.data + off + 8;
+            if (with_hashes) {
+                if (memcmp(p + 12, hash, KL_HASH_LEN) != 0) {
+                    err_where(err, name, off, "prev does not match "
+                               "the hash of record %" PRIu64, seq - 1);
+                    segment_unmap(&m);
+                    return KL_ECORRUPT;
+                }
+                kl_sha256(p, len, hash);
+            }
+            if (seq >= from_seq) {
+                rc = fn(seq, p, len, with_hashes ? hash : NULL, arg);
+                if (rc != 0) {
+                    segment_unmap(&m);
+                    return rc;
+                }
+            }
+            off += 8 + (size_t)len;
+            expect++;
+        }
+        segment_unmap(&m);
+    }
+    return KL_OK;
+}
+
+uint64_t kl_log_head_seq(const kl_log *log) { return log->head_seq; }
+
+void kl_log_head_hash(const kl_log *log, uint8_t out[KL_HASH_LEN])
+{
+    memcpy(out, log->head_hash, KL_HASH_LEN);
+}
+
+bool kl_log_is_read_only(const kl_log *log) { return log->failed; }
+
+/* ---- writing --------------------------------------------------------- */
+
+void kl_log_mark_get(const kl_log *log, kl_log_mark *m)
+{
+    m->seq = log->head_seq;
+    memcpy(m->hash, log->head_hash, KL_HASH_LEN);
+}
+
+void kl_log_rewind(kl_log *log, const kl_log_mark *m)
+{
+    log->head_seq = m->seq;
+    memcpy(log->head_hash, m->hash, KL_HASH_LEN);
+}
+
+int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
+                 kl_buf *batch, uint64_t *seq_out)
+{
+    size_t len = PREFIX_SIZE + body_len;
+    if (len > KL_LOG_MAX_RECORD)
+        return KL_EINVAL;
+    if (kl_buf_reserve(batch, 8 + len) != KL_OK)
+        return KL_ENOMEM;
+    uint8_t *r = (uint8_t *)batch->data + batch->len;
+    uint8_t *p = r + 8;
+    uint64_t seq = log->head_seq + 1;
+    p[0] = 0x99;
+    p[1] = 0xcf;
+    for (int i = 0; i < 8; i++)
+        p[2 + i] = (uint8_t)(seq >> (56 - 8 * i));
+    p[10] = 0xc4;
+    p[11] = 0x20;
+    memcpy(p + 12, log->head_hash, KL_HASH_LEN);
+    memcpy(p + PREFIX_SIZE, body, body_len);
+    put_u32(r, (uint32_t)len);
+    put_u32(r + 4, kl_crc32c(0, p, len));
+    kl_sha256(p, len, log->head_hash);
+    log->head_seq = seq;
+    batch->len += 8 + len;
+    *seq_out = seq;
+    return KL_OK;
+}
+
+static int roll(kl_log *log, const kl_log_mark *start, kl_err *err)
+{
+    uint64_t first = start->seq + 1;
+    int rc = segment_create(log->dir, first, start->hash, err);
+    if (rc != KL_OK)
+        return rc;
+    char name[32];
+    segment_name(first, name);
+    char *path = path_join(log->dir, name);
+    if (path == NULL)
+        return KL_ENOMEM;
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    free(path);
+    if (fd < 0) {
+        kl_err_set(err, "open segment %s: %s", name, strerror(errno));
+        return KL_EIO;
+    }
+    if ((rc = segs_push(log, first)) != KL_OK ||
+        (rc = write_manifest(log->dir, log->segs[0].first_seq, first, err)) != KL_OK) {
+        close(fd);
+        if (rc == KL_OK)
+            log->nsegs--;
+        return rc;
+    }
+    close(log->fd);
+    log->fd = fd;
+    log->segs[log->nsegs - 1].size = HEADER_SIZE;
+    return KL_OK;
+}
+
+int kl_log_sync(kl_log *log, kl_err *err)
+{
+    if (log->failed)
+        return KL_EREADONLY;
+    if (fdatasync(log->fd) != 0) {
+        log->failed = true;
+        kl_err_set(err, "fsync failed: %s; the log is read-only until restart",
+                   strerror(errno));
+        return KL_EREADONLY;
+    }
+    return KL_OK;
+}
+
+int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
+                 kl_err *err)
+{
+    int rc;
+    if (log->failed) {
+        kl_err_set(err, "the log is read-only after a failed fsync");
+        rc = KL_EREADONLY;
+        goto rewind;
+    }
+    segment *tail = &log->segs[log->nsegs - 1];
+    if (tail->size >= log->cfg.segment_bytes && tail->size > HEADER_SIZE) {
+        if ((rc = roll(log, start, err)) != KL_OK)
+            goto rewind;
+        tail = &log->segs[log->nsegs - 1];
+    }
+    rc = write_all(log->fd, batch->data, batch->len, (off_t)tail->size);
+    if (rc != KL_OK) {
+        int e = errno;
+        /* Leave the file ending on a record boundary again. */
+        if (ftruncate(log->fd, (off_t)tail->size) != 0)
+            log->failed = true;
+        kl_err_set(err, "append at offset %" PRIu64 ": %s", tail->size,
+                   rc == KL_ENOSPC && e == 0 ? "short write" : strerror(e));
+        goto rewind;
+    }
+    if (log->cfg.fsync == KL_FSYNC_ALWAYS && (rc = kl_log_sync(log, err)) != KL_OK)
+        goto rewind;
+    tail->size += batch->len;
+    return KL_OK;
+rewind:
+    kl_log_rewind(log, start);
+    return rc;
+}
+
+/* ---- verify ---------------------------------------------------------- */
+
+typedef struct verify_walk {
+    kl_log_verify_report *rep;
+    kl_log_record_fn check;
+    void *arg;
+} verify_walk;
+
+static int verify_record(uint64_t seq, const uint8_t *payload, size_t len,
+                         const uint8_t hash[KL_HASH_LEN], void *arg)
+{
+    verify_walk *w = arg;
+    if (w->check != NULL) {
+        int rc = w->check(seq, payload, len, hash, w->arg);
+        if (rc != 0)
+            return rc;
+    }
+    w->rep->events++;
+    w->rep->head_seq = seq;
+    memcpy(w->rep->head_hash, hash, KL_HASH_LEN);
+    return 0;
+}
+
+int kl_log_verify(const char *dir, kl_log_record_fn check, void *arg,
+                  kl_log_verify_report *rep, kl_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    kl_log_config cfg;
+    kl_log_config_defaults(&cfg);
+    cfg.dir = dir;
+    cfg.read_only = true;
+    kl_log *log;
+    kl_log_recovery rec;
+    int rc = kl_log_open(&log, &cfg, &rec, err);
+    if (rc == KL_OK) {
+        verify_walk w = {rep, check, arg};
+        rc = kl_log_replay(log, 0, true, verify_record, &w, err);
+        if (rc == KL_OK && rep->head_seq == 0)
+            kl_log_head_hash(log, rep->head_hash);
+        rep->torn_bytes = rec.torn_bytes;
+        kl_log_close(log);
+    }
+    rep->ok = rc == KL_OK;
+    if (!rep->ok) {
+        snprintf(rep->problem, sizeof rep->problem, "%s", err->msg);
+        snprintf(rep->segment, sizeof rep->segment, "%s", err->segment);
+        rep->offset = err->offset;
+    }
+    return rc;
+}

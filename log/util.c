@@ -1,0 +1,87 @@
+/*
+ * Small shared utilities of the log module: error messages, the diagnostic
+ * logger and the growable byte buffer used by every writer.
+ */
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+void kl_err_set(kl_err *err, const char *fmt, ...)
+{
+    if (err == NULL)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+}
+
+void kl_logger_write(const kl_logger *lg, kl_level level, const char *fmt, ...)
+{
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    FILE *fp = lg->fp != NULL ? (FILE *)lg->fp : stderr;
+    char when[KL_TIME_TEXT_LEN + 1];
+    kl_time_format(kl_now_ms(), when);
+
+    /* One fprintf per line so concurrent writers do not interleave. */
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(fp, "%s %s keyledgerd: %s\n", when, names[level], line);
+    fflush(fp);
+}
+
+int kl_buf_reserve(kl_buf *b, size_t extra)
+{
+    if (b->cap - b->len >= extra)
+        return KL_OK;
+    size_t cap = b->cap != 0 ? b->cap : 256;
+    while (cap - b->len < extra) {
+        if (cap > SIZE_MAX / 2)
+            return KL_ENOMEM;
+        cap *= 2;
+    }
+    char *p = realloc(b->data, cap);
+    if (p == NULL)
+        return KL_ENOMEM;
+    b->data = p;
+    b->cap = cap;
+    return KL_OK;
+}
+
+int kl_buf_append(kl_buf *b, const void *p, size_t n)
+{
+    if (kl_buf_reserve(b, n) != KL_OK)
+        return KL_ENOMEM;
+    if (n != 0)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return KL_OK;
+}
+
+int kl_buf_printf(kl_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || kl_buf_reserve(b, (size_t)n + 1) != KL_OK)
+        return KL_ENOMEM;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return KL_OK;
+}
+
+void kl_buf_free(kl_buf *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}

@@ -1,0 +1,651 @@
+/*
+ * The fold: kl_proj_apply(state, event) for every event type, and the
+ * queries over the result.
+ *
+ * Each apply_* function first checks that the event fits the state, then
+ * changes it; a misfit leaves the state as it was and names the seq. Events
+ * were validated by the command service before they were written, so a
+ * misfit means the log was edited or the code has a bug: either way the
+ * daemon must not start on it.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct kl_proj {
+    uint64_t seq;
+    kl_vec orgs;                /* kl_org *, in creation order */
+    kl_idmap org_by_id, user_by_id, sa_by_id, key_by_id, idem_by_slot;
+};
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static char *str_dup(kl_str s)
+{
+    char *p = malloc((size_t)s.len + 1);
+    if (p != NULL) {
+        memcpy(p, s.ptr, s.len);
+        p[s.len] = '\0';
+    }
+    return p;
+}
+
+/* Replace *dst with a copy of s; *dst is untouched when out of memory. */
+static int str_set(char **dst, kl_str s)
+{
+    char *p = str_dup(s);
+    if (p == NULL)
+        return KL_ENOMEM;
+    free(*dst);
+    *dst = p;
+    return KL_OK;
+}
+
+static int vec_reserve(kl_vec *v)
+{
+    if (v->len < v->cap)
+        return KL_OK;
+    uint32_t cap = v->cap ? v->cap * 2 : 8;
+    void **items = realloc(v->items, cap * sizeof *items);
+    if (items == NULL)
+        return KL_ENOMEM;
+    v->items = items;
+    v->cap = cap;
+    return KL_OK;
+}
+
+/* Entities start with their kl_id: compare through that. */
+static int id_cmp(const kl_id *a, const kl_id *b)
+{
+    return memcmp(a->b, b->b, sizeof a->b);
+}
+
+uint32_t kl_vec_after(const kl_vec *v, const kl_id *after)
+{
+    if (after == NULL)
+        return 0;
+    uint32_t lo = 0, hi = v->len;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (id_cmp((const kl_id *)v->items[mid], after) <= 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Insert keeping id order; new ids almost always go at the end. The caller
+ * has reserved room. */
+static void vec_insert_sorted(kl_vec *v, void *item)
+{
+    uint32_t at = kl_vec_after(v, (const kl_id *)item);
+    memmove(&v->items[at + 1], &v->items[at], (v->len - at) * sizeof *v->items);
+    v->items[at] = item;
+    v->len++;
+}
+
+static void vec_remove(kl_vec *v, const void *item)
+{
+    for (uint32_t i = 0; i < v->len; i++) {
+        if (v->items[i] == item) {
+            memmove(&v->items[i], &v->items[i + 1],
+                    (v->len - i - 1) * sizeof *v->items);
+            v->len--;
+            return;
+        }
+    }
+}
+
+static int misfit(kl_err *err, const kl_event *ev, const char *why)
+{
+    kl_err_set(err, "event seq %llu (%s) does not fit the state: %s",
+               (unsigned long long)ev->seq, kl_event_type_name(ev->type), why);
+    return KL_ECORRUPT;
+}
+
+static kl_ref actor_ref(const kl_event *ev)
+{
+    return (kl_ref){ev->actor.type, ev->actor.id};
+}
+
+/* ---- lifecycle -------------------------------------------------------- */
+
+int kl_proj_new(kl_proj **out)
+{
+    *out = calloc(1, sizeof **out);
+    return *out != NULL ? KL_OK : KL_ENOMEM;
+}
+
+static void key_free(kl_key *k)
+{
+    for (uint32_t i = 0; i < k->nflows; i++)
+        free(k->flows[i]);
+    free(k->flows);
+    free(k->name);
+    free(k->description);
+    free(k->revoked_comment);
+    free(k);
+}
+
+static void free_all(kl_idmap *m, void (*fn)(void *))
+{
+    for (uint32_t i = 0; i < m->cap; i++)
+        if (m->slots[i].value != NULL)
+            fn(m->slots[i].value);
+    kl_idmap_free(m);
+}
+
+static void org_free(void *p)
+{
+    kl_org *o = p;
+    free(o->name);
+    free(o->users.items);
+    free(o->sas.items);
+    free(o->keys.items);
+    free(o);
+}
+
+static void user_free(void *p)
+{
+    kl_user *u = p;
+    free(u->email);
+    free(u->name);
+    free(u);
+}
+
+static void sa_free(void *p)
+{
+    kl_sa *s = p;
+    free(s->name);
+    free(s->description);
+    free(s);
+}
+
+static void key_free_any(void *p) { key_free(p); }
+
+void kl_proj_free(kl_proj *p)
+{
+    if (p == NULL)
+        return;
+    free_all(&p->key_by_id, key_free_any);
+    free_all(&p->sa_by_id, sa_free);
+    free_all(&p->user_by_id, user_free);
+    free_all(&p->org_by_id, org_free);
+    free_all(&p->idem_by_slot, free);
+    free(p->orgs.items);
+    free(p);
+}
+
+/* ---- organizations and users ------------------------------------------ */
+
+static int apply_org_created(kl_proj *p, const kl_event *ev, kl_err *err)
+{
+    if (kl_idmap_get(&p->org_by_id, &ev->org) != NULL)
+        return misfit(err, ev, "organization exists");
+    kl_org *o = calloc(1, sizeof *o);
+    if (o == NULL || vec_reserve(&p->orgs) != KL_OK ||
+        (o->name = str_dup(ev->name)) == NULL ||
+        kl_idmap_put(&p->org_by_id, &ev->org, o) != KL_OK) {
+        if (o != NULL)
+            org_free(o);
+        return KL_ENOMEM;
+    }
+    o->id = ev->org;
+    o->created_at = o->updated_at = ev->ts;
+    o->version = 1;
+    p->orgs.items[p->orgs.len++] = o;
+    return KL_OK;
+}
+
+static int apply_user_invited(kl_proj *p, kl_org *o, const kl_event *ev,
+                              kl_err *err)
+{
+    if (kl_idmap_get(&p->user_by_id, &ev->id) != NULL)
+        return misfit(err, ev, "user id exists");
+    kl_user *u = calloc(1, sizeof *u);
+    if (u == NULL)
+        return KL_ENOMEM;
+    u->id = ev->id;
+    u->org = o;
+    u->role = ev->role;
+    u->created_at = u->updated_at = ev->ts;
+    u->version = 1;
+    kl_str none = {"", 0};
+    if ((u->email = str_dup(ev->email)) == NULL ||
+        (u->name = str_dup(ev->has & KL_F_NAME ? ev->name : none)) == NULL ||
+        vec_reserve(&o->users) != KL_OK ||
+        kl_idmap_put(&p->user_by_id, &u->id, u) != KL_OK) {
+        user_free(u);
+        return KL_ENOMEM;
+    }
+    vec_insert_sorted(&o->users, u);
+    if (u->role == KL_ROLE_OWNER)
+        o->active_owners++;
+    return KL_OK;
+}
+
+static kl_user *org_user(kl_proj *p, const kl_org *o, const kl_id *id)
+{
+    kl_user *u = kl_idmap_get(&p->user_by_id, id);
+    return u != NULL && u->org == o && !u->removed ? u : NULL;
+}
+
+static int apply_user_change(kl_proj *p, kl_org *o, const kl_event *ev,
+                             kl_err *err)
+{
+    kl_user *u = org_user(p, o, &ev->id);
+    if (u == NULL)
+        return misfit(err, ev, "no such active user in the organization");
+    if (ev->type == KL_EV_USER_UPDATED && (ev->has & KL_F_NAME) &&
+        str_set(&u->name, ev->name) != KL_OK)
+        return KL_ENOMEM;
+    if (ev->type == KL_EV_USER_ROLE_CHANGED) {
+        o->active_owners -= u->role == KL_ROLE_OWNER;
+        u->role = ev->role;
+        o->active_owners += u->role == KL_ROLE_OWNER;
+    }
+    if (ev->type == KL_EV_USER_REMOVED) {
+        o->active_owners -= u->role == KL_ROLE_OWNER;
+        u->removed = true;
+    }
+    u->updated_at = ev->ts;
+    u->version++;
+    return KL_OK;
+}
+
+/* ---- service accounts ------------------------------------------------- */
+
+static int apply_sa_created(kl_proj *p, kl_org *o, const kl_event *ev,
+                            kl_err *err)
+{
+    if (kl_idmap_get(&p->sa_by_id, &ev->id) != NULL)
+        return misfit(err, ev, "service account id exists");
+    kl_sa *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return KL_ENOMEM;
+    s->id = ev->id;
+    s->org = o;
+    s->role = ev->role;
+    s->active = true;
+    s->created_by = actor_ref(ev);
+    s->created_at = s->updated_at = ev->ts;
+    s->version = 1;
+    kl_str none = {"", 0};
+    if ((s->name = str_dup(ev->name)) == NULL ||
+        (s->description = str_dup(ev->has & KL_F_DESCRIPTION ? ev->description
+                                                             : none)) == NULL ||
+        vec_reserve(&o->sas) != KL_OK ||
+        kl_idmap_put(&p->sa_by_id, &s->id, s) != KL_OK) {
+        sa_free(s);
+        return KL_ENOMEM;
+    }
+    vec_insert_sorted(&o->sas, s);
+    return KL_OK;
+}
+
+static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
+                           kl_err *err)
+{
+    kl_sa *s = kl_idmap_get(&p->sa_by_id, &ev->id);
+    if (s == NULL || s->org != o || s->deleted)
+        return misfit(err, ev, "no such service account in the organization");
+    switch (ev->type) {
+    case KL_EV_SA_UPDATED:
+        if ((ev->has & KL_F_DESCRIPTION) &&
+            str_set(&s->description, ev->description) != KL_OK)
+            return KL_ENOMEM;
+        if (ev->has & KL_F_ROLE)
+            s->role = ev->role;
+        break;
+    case KL_EV_SA_DEACTIVATED:
+        s->active = false;
+        s->deactivated_at = ev->ts;
+        break;
+    case KL_EV_SA_REACTIVATED:
+        s->active = true;
+        s->deactivated_at = 0;
+        break;
+    default: /* KL_EV_SA_DELETED */
+        s->deleted = true;
+        s->active = false;
+        vec_remove(&o->sas, s);
+        break;
+    }
+    s->updated_at = ev->ts;
+    s->version++;
+    return KL_OK;
+}
+
+/* ---- keys ------------------------------------------------------------- */
+
+/* Copies the settings an event carries (name, description, permissions,
+ * rate limit, expiry) onto the key. Copies first, then swaps, so a failed
+ * allocation leaves the key as it was. */
+static int key_settings(kl_key *k, const kl_event *ev)
+{
+    char *name = NULL, *desc = NULL, **flows = NULL;
+    if ((ev->has & KL_F_NAME) && (name = str_dup(ev->name)) == NULL)
+        goto nomem;
+    if ((ev->has & KL_F_DESCRIPTION) && (desc = str_dup(ev->description)) == NULL)
+        goto nomem;
+    if ((ev->has & KL_F_ACCESS) && ev->nflows > 0) {
+        flows = calloc(ev->nflows, sizeof *flows);
+        if (flows == NULL)
+            goto nomem;
+        for (uint32_t i = 0; i < ev->nflows; i++)
+            if ((flows[i] = str_dup(ev->flows[i])) == NULL)
+                goto nomem;
+    }
+    if (ev->has & KL_F_NAME) {
+        free(k->name);
+        k->name = name;
+    }
+    if (ev->has & KL_F_DESCRIPTION) {
+        free(k->description);
+        k->description = desc;
+    }
+    if (ev->has & KL_F_ACCESS) {
+        for (uint32_t i = 0; i < k->nflows; i++)
+            free(k->flows[i]);
+        free(k->flows);
+        k->flows = flows;
+        k->nflows = ev->nflows;
+        k->access = ev->access;
+    }
+    if (ev->has & KL_F_RATE_LIMIT) {
+        k->rl_minute = ev->rl_minute;
+        k->rl_day = ev->rl_day;
+    }
+    if (ev->has & KL_F_EXPIRES)
+        k->expires_at = ev->expires_at;
+    return KL_OK;
+nomem:
+    if (flows != NULL)
+        for (uint32_t i = 0; i < ev->nflows; i++)
+            free(flows[i]);
+    free(flows);
+    free(name);
+    free(desc);
+    return KL_ENOMEM;
+}
+
+static void prefix_set(kl_key *k, kl_str prefix)
+{
+    size_t n = prefix.len < sizeof k->prefix - 1 ? prefix.len : sizeof k->prefix - 1;
+    memcpy(k->prefix, prefix.ptr, n);
+    k->prefix[n] = '\0';
+}
+
+static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
+                             kl_err *err)
+{
+    if (kl_idmap_get(&p->key_by_id, &ev->id) != NULL)
+        return misfit(err, ev, "key id exists");
+    void *owner = NULL;
+    if (ev->owner_type == KL_PRINCIPAL_USER) {
+        owner = org_user(p, o, &ev->owner);
+    } else {
+        kl_sa *s = kl_idmap_get(&p->sa_by_id, &ev->owner);
+        owner = s != NULL && s->org == o && !s->deleted ? s : NULL;
+    }
+    if (owner == NULL)
+        return misfit(err, ev, "no such owner in the organization");
+    kl_key *k = calloc(1, sizeof *k);
+    if (k == NULL)
+        return KL_ENOMEM;
+    k->id = ev->id;
+    k->org = o;
+    k->owner = (kl_ref){ev->owner_type, ev->owner};
+    k->owner_ptr = owner;
+    k->created_by = actor_ref(ev);
+    k->env = ev->env;
+    memcpy(k->hash, ev->hash, KL_HASH_LEN);
+    prefix_set(k, ev->prefix);
+    k->created_at = k->updated_at = ev->ts;
+    k->version = 1;
+    kl_str none = {"", 0};
+    if (key_settings(k, ev) != KL_OK ||
+        (k->description == NULL && (k->description = str_dup(none)) == NULL) ||
+        vec_reserve(&o->keys) != KL_OK ||
+        kl_idmap_put(&p->key_by_id, &k->id, k) != KL_OK) {
+        key_free(k);
+        return KL_ENOMEM;
+    }
+    vec_insert_sorted(&o->keys, k);
+    return KL_OK;
+}
+
+static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
+                            kl_err *err)
+{
+    kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
+    if (k == NULL || k->org != o || k->deleted)
+        return misfit(err, ev, "no such key in the organization");
+    switch (ev->type) {
+    case KL_EV_KEY_UPDATED:
+        if (key_settings(k, ev) != KL_OK)
+            return KL_ENOMEM;
+        break;
+    case KL_EV_KEY_REGENERATED:
+        if (k->revoked)
+            return misfit(err, ev, "key is revoked");
+        memcpy(k->old_hash, k->hash, KL_HASH_LEN);
+        k->old_until = ev->has & KL_F_GRACE ? ev->grace_until : 0;
+        memcpy(k->hash, ev->hash, KL_HASH_LEN);
+        prefix_set(k, ev->prefix);
+        break;
+    case KL_EV_KEY_REVOKED:
+        if (k->revoked)
+            return misfit(err, ev, "key already revoked");
+        if ((ev->has & KL_F_COMMENT) &&
+            (k->revoked_comment = str_dup(ev->comment)) == NULL)
+            return KL_ENOMEM;
+        k->revoked = true;
+        k->revoked_at = ev->ts;
+        k->revoked_by = actor_ref(ev);
+        k->old_until = 0;
+        break;
+    default: /* KL_EV_KEY_DELETED */
+        k->deleted = true;
+        vec_remove(&o->keys, k);
+        break;
+    }
+    k->updated_at = ev->ts;
+    k->version++;
+    return KL_OK;
+}
+
+static int apply_limits(kl_org *o, const kl_event *ev)
+{
+    o->lim_minute = ev->lim_minute;
+    o->lim_day = ev->lim_day;
+    o->lim_month = ev->lim_month;
+    o->updated_at = ev->ts;
+    o->version++;
+    return KL_OK;
+}
+
+/* ---- idempotency records --------------------------------------------- */
+
+void kl_idem_slot(const kl_id *org, const kl_id *caller_key, const char *key,
+                  size_t len, kl_id *out)
+{
+    /* SHA-256 over a length-prefixed concatenation; 16 bytes are plenty to
+     * tell callers' keys apart. */
+    uint8_t buf[32 + 256 + 4], h[KL_HASH_LEN];
+    size_t n = len < 256 ? len : 256;
+    memcpy(buf, org->b, 16);
+    memcpy(buf + 16, caller_key->b, 16);
+    buf[32] = (uint8_t)n;
+    memcpy(buf + 33, key, n);
+    kl_sha256(buf, 33 + n, h);
+    memcpy(out->b, h, 16);
+}
+
+const kl_idem *kl_proj_idem(const kl_proj *p, const kl_id *slot)
+{
+    return kl_idmap_get(&p->idem_by_slot, slot);
+}
+
+/* A record stays in memory (about 80 bytes per idempotent write); the
+ * daemon ignores it once it is older than a day by its own clock. The fold
+ * cannot expire it: it has no clock but the events'. */
+static int apply_idem(kl_proj *p, const kl_event *ev)
+{
+    if (!(ev->has & KL_F_IDEM))
+        return KL_OK;
+    kl_id slot;
+    kl_idem_slot(&ev->org, &ev->actor.key_id, ev->idem_key.ptr, ev->idem_key.len,
+                 &slot);
+    if (kl_idmap_get(&p->idem_by_slot, &slot) != NULL)
+        return KL_OK;   /* the first request with this key decides */
+    kl_idem *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return KL_ENOMEM;
+    r->slot = slot;
+    memcpy(r->fp, ev->idem_fp, sizeof r->fp);
+    r->type = ev->type;
+    r->target = ev->id;
+    r->ts = ev->ts;
+    if (kl_idmap_put(&p->idem_by_slot, &slot, r) != KL_OK) {
+        free(r);
+        return KL_ENOMEM;
+    }
+    return KL_OK;
+}
+
+/* ---- dispatch --------------------------------------------------------- */
+
+int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
+{
+    if (ev->seq != p->seq + 1 && p->seq != 0)
+        return misfit(err, ev, "sequence gap");
+    int rc;
+    kl_org *o = NULL;
+    if (ev->type != KL_EV_ORG_CREATED) {
+        o = kl_idmap_get(&p->org_by_id, &ev->org);
+        if (o == NULL)
+            return misfit(err, ev, "unknown organization");
+    }
+    switch (ev->type) {
+    case KL_EV_ORG_CREATED:
+        rc = apply_org_created(p, ev, err);
+        break;
+    case KL_EV_USER_INVITED:
+        rc = apply_user_invited(p, o, ev, err);
+        break;
+    case KL_EV_USER_UPDATED:
+    case KL_EV_USER_ROLE_CHANGED:
+    case KL_EV_USER_REMOVED:
+        rc = apply_user_change(p, o, ev, err);
+        break;
+    case KL_EV_SA_CREATED:
+        rc = apply_sa_created(p, o, ev, err);
+        break;
+    case KL_EV_SA_UPDATED:
+    case KL_EV_SA_DEACTIVATED:
+    case KL_EV_SA_REACTIVATED:
+    case KL_EV_SA_DELETED:
+        rc = apply_sa_change(p, o, ev, err);
+        break;
+    case KL_EV_KEY_CREATED:
+        rc = apply_key_created(p, o, ev, err);
+        break;
+    case KL_EV_KEY_UPDATED:
+    case KL_EV_KEY_REGENERATED:
+    case KL_EV_KEY_REVOKED:
+    case KL_EV_KEY_DELETED:
+        rc = apply_key_change(p, o, ev, err);
+        break;
+    case KL_EV_USAGE_LIMITS_CHANGED:
+        rc = apply_limits(o, ev);
+        break;
+    default:
+        return misfit(err, ev, "this build cannot apply the event type");
+    }
+    if (rc == KL_OK)
+        rc = apply_idem(p, ev);
+    if (rc == KL_OK)
+        p->seq = ev->seq;
+    else if (rc == KL_ENOMEM)
+        kl_err_set(err, "out of memory applying seq %llu",
+                   (unsigned long long)ev->seq);
+    return rc;
+}
+
+/* ---- queries ---------------------------------------------------------- */
+
+uint64_t kl_proj_seq(const kl_proj *p) { return p->seq; }
+
+kl_org *kl_proj_org(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->org_by_id, id);
+}
+kl_user *kl_proj_user(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->user_by_id, id);
+}
+kl_sa *kl_proj_sa(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->sa_by_id, id);
+}
+kl_key *kl_proj_key(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->key_by_id, id);
+}
+uint32_t kl_proj_org_count(const kl_proj *p) { return p->orgs.len; }
+kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i) { return p->orgs.items[i]; }
+
+kl_user *kl_proj_user_by_email(const kl_org *org, const char *email, size_t len)
+{
+    for (uint32_t i = 0; i < org->users.len; i++) {
+        kl_user *u = org->users.items[i];
+        if (!u->removed && strlen(u->email) == len &&
+            strncasecmp(u->email, email, len) == 0)
+            return u;
+    }
+    return NULL;
+}
+
+kl_key_status kl_key_status_at(const kl_key *k, int64_t now)
+{
+    if (k->revoked)
+        return KL_KEY_REVOKED;
+    if (k->expires_at != 0 && now >= k->expires_at)
+        return KL_KEY_EXPIRED;
+    return KL_KEY_ACTIVE;
+}
+
+const char *kl_key_status_name(kl_key_status s)
+{
+    static const char *const names[] = {"active", "expired", "revoked"};
+    return names[s];
+}
+
+bool kl_key_owner_enabled(const kl_key *k)
+{
+    if (k->owner.type == KL_PRINCIPAL_USER)
+        return !((const kl_user *)k->owner_ptr)->removed;
+    const kl_sa *s = k->owner_ptr;
+    return s->active && !s->deleted;
+}
+
+kl_role kl_key_role(const kl_key *k)
+{
+    if (k->owner.type == KL_PRINCIPAL_USER)
+        return ((const kl_user *)k->owner_ptr)->role;
+    return ((const kl_sa *)k->owner_ptr)->role;
+}
+
+void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st)
+{
+    st->orgs = p->org_by_id.len;
+    st->users = p->user_by_id.len;
+    st->sas = p->sa_by_id.len;
+    st->keys = p->key_by_id.len;
+    st->idem = p->idem_by_slot.len;
+}

@@ -1,0 +1,152 @@
+/*
+ * projections/ — the in-memory state every query is answered from, built by
+ * folding events: kl_proj_apply(state, event). The fold is pure: no I/O, no
+ * clock (time comes in the event), so startup replay, live writes and
+ * `keyledger state --at` agree. The state is disposable: it can always be
+ * rebuilt from the log.
+ *
+ * Entities are heap objects that never move, found by id through hash
+ * indexes (O(1)); each organization keeps its users, service accounts and
+ * keys in id order for cursor pagination. Callers read the structs directly
+ * and never write them: only kl_proj_apply changes state.
+ */
+#ifndef KL_PROJECTIONS_H
+#define KL_PROJECTIONS_H
+
+#include "log.h"
+
+typedef struct kl_proj kl_proj;
+
+/* A growable array of entity pointers, kept in id order. */
+typedef struct kl_vec {
+    void **items;
+    uint32_t len, cap;
+} kl_vec;
+
+/* Who did something: a user, a service account or the system. */
+typedef struct kl_ref {
+    kl_principal type;
+    kl_id id;
+} kl_ref;
+
+typedef struct kl_org {
+    kl_id id;
+    char *name;
+    int64_t created_at, updated_at;
+    uint64_t version;
+    uint32_t lim_minute, lim_day, lim_month;   /* 0 = no limit */
+    kl_vec users;               /* kl_user *, removed ones included */
+    kl_vec sas;                 /* kl_sa *, deleted ones excluded */
+    kl_vec keys;                /* kl_key *, deleted ones excluded */
+    uint32_t active_owners;
+} kl_org;
+
+typedef struct kl_user {
+    kl_id id;
+    kl_org *org;
+    char *email;
+    char *name;
+    kl_role role;
+    bool removed;
+    int64_t created_at, updated_at;
+    uint64_t version;
+} kl_user;
+
+typedef struct kl_sa {
+    kl_id id;
+    kl_org *org;
+    char *name;
+    char *description;
+    kl_role role;
+    bool active;
+    bool deleted;
+    kl_ref created_by;
+    int64_t created_at, updated_at, deactivated_at;
+    uint64_t version;
+} kl_sa;
+
+typedef struct kl_key {
+    kl_id id;
+    kl_org *org;
+    kl_ref owner;
+    void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
+    kl_ref created_by;
+    char *name;
+    char *description;
+    char prefix[20];            /* first 16 characters of the secret */
+    kl_env env;
+    kl_access access;
+    char **flows;
+    uint32_t nflows;
+    uint32_t rl_minute, rl_day; /* 0 = no limit */
+    int64_t created_at, updated_at;
+    int64_t expires_at;         /* 0 = never */
+    int64_t last_used_at;       /* 0 = never */
+    uint8_t hash[KL_HASH_LEN];  /* SHA-256 of the current secret */
+    uint8_t old_hash[KL_HASH_LEN]; /* the secret before a regenerate ... */
+    int64_t old_until;          /* ... valid until then (0 = not at all) */
+    bool revoked, deleted;
+    int64_t revoked_at;
+    kl_ref revoked_by;
+    char *revoked_comment;
+    uint64_t version;
+} kl_key;
+
+/* An Idempotency-Key the log remembers: who sent it, for what, with what. */
+typedef struct kl_idem {
+    kl_id slot;                 /* hash of (org, caller key, idempotency key) */
+    uint8_t fp[16];             /* fingerprint of method, path and body */
+    kl_event_type type;         /* the first event the request produced */
+    kl_id target;               /* its subject */
+    int64_t ts;
+} kl_idem;
+
+int kl_proj_new(kl_proj **out);
+void kl_proj_free(kl_proj *p);
+
+/*
+ * Fold one event into the state. An event that does not fit the state (an
+ * unknown org, a duplicate id, ...) means the log and the code disagree:
+ * KL_ECORRUPT with a message naming the seq, and the state is unchanged.
+ */
+int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err);
+
+uint64_t kl_proj_seq(const kl_proj *p);   /* last applied seq */
+
+kl_org *kl_proj_org(const kl_proj *p, const kl_id *id);
+kl_user *kl_proj_user(const kl_proj *p, const kl_id *id);
+kl_sa *kl_proj_sa(const kl_proj *p, const kl_id *id);
+/* Deleted keys are still found (their ids stay taken); check ->deleted. */
+kl_key *kl_proj_key(const kl_proj *p, const kl_id *id);
+/* Iterate all organizations in creation order (i < count). */
+uint32_t kl_proj_org_count(const kl_proj *p);
+kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i);
+
+/* The user with this email in the org, or NULL (case-insensitive). */
+kl_user *kl_proj_user_by_email(const kl_org *org, const char *email, size_t len);
+
+/* Index of the first element of `v` whose id is greater than `after`
+ * (all of them when after is NULL): where a page starts. */
+uint32_t kl_vec_after(const kl_vec *v, const kl_id *after);
+
+/* 16-byte slot for an idempotency record. */
+void kl_idem_slot(const kl_id *org, const kl_id *caller_key, const char *key,
+                  size_t len, kl_id *out);
+const kl_idem *kl_proj_idem(const kl_proj *p, const kl_id *slot);
+
+/* Key status at time `now` (ms): "active", "expired" or "revoked". */
+typedef enum { KL_KEY_ACTIVE = 0, KL_KEY_EXPIRED, KL_KEY_REVOKED } kl_key_status;
+kl_key_status kl_key_status_at(const kl_key *k, int64_t now);
+const char *kl_key_status_name(kl_key_status s);
+/* The key's owner can act: user not removed, service account active. */
+bool kl_key_owner_enabled(const kl_key *k);
+/* The role the key acts with now: its owner's current role. */
+kl_role kl_key_role(const kl_key *k);
+
+/* Counts, for metrics and memory figures. */
+typedef struct kl_proj_stats {
+    uint64_t orgs, users, sas, keys, idem;
+} kl_proj_stats;
+void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st);
+
+#endif

@@ -1,0 +1,36 @@
+/* keyledger: the command-line tools. */
+#include "tools.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const char USAGE[] =
+    "usage: keyledger <command> [options]\n"
+    "  init        --data DIR --org NAME --owner-email EMAIL [--owner-name NAME] [--json]\n"
+    "  org-create  --data DIR --org NAME --owner-email EMAIL [--owner-name NAME] [--json]\n"
+    "  verify      --data DIR\n";
+
+int main(int argc, char **argv)
+{
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+    } commands[] = {
+        {"init", kl_tool_init},
+        {"org-create", kl_tool_org_create},
+        {"verify", kl_tool_verify},
+    };
+    if (argc < 2) {
+        fputs(USAGE, stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
+        fputs(USAGE, stdout);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0)
+            return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "keyledger: unknown command \"%s\"\n%s", argv[1], USAGE);
+    return 2;
+}
