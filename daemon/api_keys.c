@@ -327,7 +327,7 @@ void kl_keys_create_for(kl_daemon *d, kl_http_request *req, const kl_caller *cal
     }
     in->owner_type = owner->type;
     in->owner = owner->id;
-    kl_cmd_lock(c, &owner->id);
+    kl_cmd_lock_shared(c, &owner->id);
     c->decide = decide_create;
     c->render = render_created;
     kl_cmd_submit(d, c);

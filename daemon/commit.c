@@ -23,6 +23,7 @@
  */
 #include "daemon.h"
 
+#include <assert.h>
 #include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +50,7 @@ struct kl_commit {
     bool dirty;                 /* written but not fsynced (batch/off) */
     uint64_t last_sync_ns;
     uv_timer_t sync_timer;
+    uv_check_t seal;            /* frames pending commands after I/O polling */
     void (*drain_cb)(kl_daemon *d);
     const char *unavailable;    /* why writes fail now, or NULL */
 };
@@ -81,7 +83,8 @@ static bool shares_lock(const kl_cmd *a, const kl_cmd *b)
 {
     for (int i = 0; i < a->nlocks; i++)
         for (int j = 0; j < b->nlocks; j++)
-            if (kl_id_eq(&a->locks[i], &b->locks[j]))
+            if (!(a->shared[i] && b->shared[j]) &&
+                kl_id_eq(&a->locks[i], &b->locks[j]))
                 return true;
     return false;
 }
@@ -120,14 +123,22 @@ void kl_cmd_free(kl_cmd *c)
     free(c);
 }
 
-void kl_cmd_lock(kl_cmd *c, const kl_id *id)
+static void lock(kl_cmd *c, const kl_id *id, bool shared)
 {
-    for (int i = 0; i < c->nlocks; i++)
-        if (kl_id_eq(&c->locks[i], id))
+    for (int i = 0; i < c->nlocks; i++) {
+        if (kl_id_eq(&c->locks[i], id)) {
+            c->shared[i] = c->shared[i] && shared;
             return;
-    if (c->nlocks < KL_CMD_MAX_LOCKS)
-        c->locks[c->nlocks++] = *id;
+        }
+    }
+    /* Handlers take at most a few; running out is a bug, not input. */
+    assert(c->nlocks < KL_CMD_MAX_LOCKS);
+    c->shared[c->nlocks] = shared;
+    c->locks[c->nlocks++] = *id;
 }
+
+void kl_cmd_lock(kl_cmd *c, const kl_id *id) { lock(c, id, false); }
+void kl_cmd_lock_shared(kl_cmd *c, const kl_id *id) { lock(c, id, true); }
 
 int kl_cmd_event(kl_daemon *d, kl_cmd *c, kl_event *ev)
 {
@@ -354,9 +365,14 @@ static void start_job(kl_commit *cm, job_kind job)
     }
 }
 
-/* Frame everything pending into one batch and write it. */
-static void kick(kl_commit *cm)
+/* Frame everything pending into one batch and write it. Called from the
+ * check phase, after the loop has read every socket that was ready, so a
+ * batch holds all the writes that arrived meanwhile (Redis does the same in
+ * beforeSleep). */
+static void on_seal(uv_check_t *h)
 {
+    kl_commit *cm = h->data;
+    uv_check_stop(h);
     if (cm->busy || cm->pending.head == NULL)
         return;
     kl_daemon *d = cm->d;
@@ -387,6 +403,12 @@ static void kick(kl_commit *cm)
     start_job(cm, JOB_WRITE);
 }
 
+static void kick(kl_commit *cm)
+{
+    if (!cm->busy && cm->pending.head != NULL)
+        uv_check_start(&cm->seal, on_seal);
+}
+
 static void on_sync_timer(uv_timer_t *t)
 {
     kl_commit *cm = t->data;
@@ -409,6 +431,8 @@ int kl_commit_new(kl_daemon *d, kl_commit **out)
         return rc;
     }
     cm->sync_timer.data = cm;
+    uv_check_init(d->loop, &cm->seal);
+    cm->seal.data = cm;
     if (d->cfg.fsync == KL_FSYNC_BATCH)
         uv_timer_start(&cm->sync_timer, on_sync_timer, SYNC_INTERVAL_MS,
                        SYNC_INTERVAL_MS);
@@ -423,11 +447,17 @@ void kl_commit_drain(kl_commit *cm, void (*on_done)(kl_daemon *d))
     maybe_drained(cm);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_seal_closed(uv_handle_t *h)
 {
     kl_commit *cm = h->data;
     kl_buf_free(&cm->batch);
     free(cm);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    kl_commit *cm = h->data;
+    uv_close((uv_handle_t *)&cm->seal, on_seal_closed);
 }
 
 void kl_commit_free(kl_commit *cm)

@@ -97,6 +97,7 @@ struct kl_cmd {
     kl_http_request *req;       /* NULL for internal writes */
     kl_caller caller;
     kl_id locks[KL_CMD_MAX_LOCKS];
+    bool shared[KL_CMD_MAX_LOCKS]; /* reads the entity, does not change it */
     int nlocks;
     kl_cmd_fn decide;
     kl_cmd_fn render;
@@ -120,7 +121,11 @@ struct kl_cmd {
 /* Allocates a command for `req` with the caller stamped in. */
 kl_cmd *kl_cmd_new(kl_daemon *d, kl_http_request *req, const kl_caller *c);
 void kl_cmd_free(kl_cmd *c);
+/* Locks: a command that changes an entity takes it exclusively; one that
+ * only needs it to stay as it is (a new key needs its owner) shares it, so
+ * many such commands go out in one batch. */
 void kl_cmd_lock(kl_cmd *c, const kl_id *id);
+void kl_cmd_lock_shared(kl_cmd *c, const kl_id *id);
 /* Encode one event; fills org, actor, request id, ts and idempotency. */
 int kl_cmd_event(kl_daemon *d, kl_cmd *c, kl_event *ev);
 /* Takes ownership of c: decides (now or when its locks free up), appends,

@@ -208,6 +208,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         *buf = uv_buf_init(c->in.ptr, (unsigned)c->in.cap);
         return;
     }
+    assert(c->in.len <= c->in.cap);
     if (c->in.cap - c->in.len < KL_HTTP_READ_MIN) {
         /* On failure read into what is left; no room at all gives the read
          * callback UV_ENOBUFS, which closes the connection. */
@@ -298,10 +299,12 @@ static int span_extend(kl_http_conn *c, kl_http_span *sp, const char *at,
     return 0;
 }
 
-static int on_message_begin(llhttp_t *p)
+/* Forgets the parse state of one message. Needed both when the next one
+ * begins and as soon as an answered one is dropped: llhttp skips blank lines
+ * between messages without starting one, and the offsets of a message whose
+ * bytes are gone must not steer the buffer meanwhile. */
+static void conn_message_reset(kl_http_conn *c)
 {
-    kl_http_conn *c = p->data;
-
     c->url.off = 0;
     c->url.len = 0;
     c->nheaders = 0;
@@ -311,6 +314,11 @@ static int on_message_begin(llhttp_t *p)
     c->body_off = 0;
     c->body_len = 0;
     c->fail_status = 0;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    conn_message_reset(p->data);
     return 0;
 }
 
@@ -663,6 +671,7 @@ static void conn_on_sent(kl_http_conn *c)
     memmove(c->in.ptr, c->in.ptr + c->parse_pos, left);
     c->in.len = left;
     c->parse_pos = 0;
+    conn_message_reset(c);
     buf_shrink(&c->in);
     buf_shrink(&c->out);
     conn_process(c);

@@ -80,7 +80,9 @@ typedef struct kl_http_config {
 void kl_http_config_defaults(kl_http_config *cfg);
 
 /*
- * Create a server on `loop` (borrowed). `routes` (borrowed, must outlive the
+ * Create a server on `loop` (borrowed). If SIGPIPE still has its default
+ * action it is set to ignored: a write to a peer that reset must fail with
+ * EPIPE, not kill the daemon. `routes` (borrowed, must outlive the
  * server) is terminated by an entry with handler == NULL. `ctx` is handed to
  * handlers via req->ctx. `id_fn` makes request ids. Returns 0 or a negative
  * uv error code.

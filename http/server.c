@@ -10,6 +10,7 @@
  * respond call, so the server outlives every request it handed out.
  */
 #include <assert.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,28 @@ static int config_check(const kl_http_config *cfg)
     return 0;
 }
 
+/*
+ * A write to a peer that has reset raises SIGPIPE, whose default action kills
+ * the process; libuv writes with plain write(2), so the only cure is the
+ * disposition. Left alone if the program already chose one.
+ */
+static int sigpipe_ignore(void)
+{
+    struct sigaction old;
+    struct sigaction ign;
+
+    if (sigaction(SIGPIPE, NULL, &old) < 0)
+        return UV_EINVAL;
+    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == SIG_DFL) {
+        memset(&ign, 0, sizeof(ign));
+        ign.sa_handler = SIG_IGN;
+        sigemptyset(&ign.sa_mask);
+        if (sigaction(SIGPIPE, &ign, NULL) < 0)
+            return UV_EINVAL;
+    }
+    return 0;
+}
+
 int kl_http_server_new(kl_http_server **out, uv_loop_t *loop,
                        const kl_http_config *cfg, const kl_http_route *routes,
                        kl_http_id_fn id_fn, void *ctx)
@@ -59,6 +82,9 @@ int kl_http_server_new(kl_http_server **out, uv_loop_t *loop,
     else
         kl_http_config_defaults(&s->cfg);
     rc = config_check(&s->cfg);
+    if (rc < 0)
+        goto cleanup;
+    rc = sigpipe_ignore();
     if (rc < 0)
         goto cleanup;
 
