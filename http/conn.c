@@ -278,9 +278,12 @@ static int conn_fail_in_parser(kl_http_conn *c, int status)
     return HPE_USER;
 }
 
-/* Extends a span with the next piece llhttp reports. Pieces of one span are
- * contiguous: a new execute starts where the previous one ended, and the
- * buffer is never cut back while head spans are open. */
+/* Extends a span with the next piece llhttp reports. Pieces of one span
+ * split by a read boundary are contiguous (a new execute starts where the
+ * previous one ended, and the buffer is not cut back while head spans are
+ * open). A gap means llhttp skipped bytes inside a header value: an obs-fold
+ * ("X: a\r\n b"), which RFC 9112 lets a server refuse with 400, and which
+ * we do, as proxies disagree on what a folded header means. */
 static int span_extend(kl_http_conn *c, kl_http_span *sp, const char *at,
                        size_t len)
 {
@@ -290,7 +293,8 @@ static int span_extend(kl_http_conn *c, kl_http_span *sp, const char *at,
         return 0;
     if (sp->len == 0)
         sp->off = (uint32_t)off;
-    assert((size_t)sp->off + sp->len == off);
+    else if ((size_t)sp->off + sp->len != off)
+        return conn_fail_in_parser(c, 400);
     sp->len += (uint32_t)len;
     if (off + len > c->head_end)
         c->head_end = off + len;
@@ -583,7 +587,8 @@ static void conn_fail(kl_http_conn *c, int status, const char *code,
 }
 
 /* A parse that stopped on an error: a limit our callbacks hit, or bytes
- * that are not HTTP. The contract has no code of its own for 431. */
+ * that are not HTTP (fail_status 0 or 400). The contract has no code of its
+ * own for 431. */
 static void conn_fail_parse(kl_http_conn *c)
 {
     switch (c->fail_status) {

@@ -237,7 +237,7 @@ static void test_reason(void **state)
 
 /* ---- the loopback harness ---------------------------------------------- */
 
-enum { RX_CAP = 16384, NRX = 4 };
+enum { RX_CAP = 16384, NRX = 6 };
 
 typedef struct rx {
     char buf[RX_CAP + 1]; /* NUL-terminated for assert_string_equal */
@@ -895,6 +895,12 @@ static void client_errors(harness *h)
     cl_sends(fd, "GET /fail HTTP/1.1\r\n\r\n");
     cl_read_responses(fd, &h->rx[3], 1);
     close(fd);
+
+    /* A folded header line (obs-fold) is refused, not glued together. */
+    fd = cl_connect(h->port);
+    cl_sends(fd, "GET /show HTTP/1.1\r\nX-Test: a\r\n b\r\n\r\n");
+    cl_read_to_eof(fd, &h->rx[4]);
+    close(fd);
 }
 
 static void test_400_404_405(void **state)
@@ -926,7 +932,12 @@ static void test_400_404_405(void **state)
                "\"bad \\\"name\\\"\\n\\\\\",\"field\":\"name\","
                "\"request_id\":\"req_00000000000000000000000005\"}}",
                5, "X-Extra: 1\r\n", NULL));
-    assert_int_equal(h->observed, 5);
+    assert_string_equal(h->rx[4].buf,
+                        expect_error(want, sizeof(want), "400 Bad Request",
+                                     "invalid_argument", "malformed HTTP request",
+                                     6, NULL, "close"));
+    assert_true(h->rx[4].closed);
+    assert_int_equal(h->observed, 6);
     assert_int_equal(h->statuses[0], 400);
     assert_int_equal(h->statuses[1], 405);
     assert_int_equal(h->statuses[2], 404);
