@@ -207,10 +207,15 @@ int main(int argc, char **argv)
     if (open_log(d) != KL_OK)
         return 1;
     if (kl_proj_new(&d->proj) != KL_OK || kl_idem_cache_new(&d->idem) != KL_OK ||
-        kl_commit_new(d, &d->commit) != KL_OK ||
-        kl_http_server_new(&d->http, d->loop, &d->cfg.http, kl_routes,
-                           make_request_id, d) != 0) {
+        kl_commit_new(d, &d->commit) != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "out of memory at startup");
+        return 1;
+    }
+    rc = kl_http_server_new(&d->http, d->loop, &d->cfg.http, kl_routes,
+                            make_request_id, d);
+    if (rc != 0) {
+        KL_LOGF(&d->logger, KL_ERROR, "cannot start the HTTP server: %s",
+                uv_strerror(rc));
         return 1;
     }
     rc = kl_http_server_listen(d->http, d->cfg.listen_host, d->cfg.listen_port);

@@ -13,8 +13,9 @@
  *               armed once at the first byte so that dribbling bytes does
  *               not extend it (slow clients are dropped with a 408).
  *   req_active  the message is complete and llhttp is paused just after it;
- *               reading is stopped; the handler owns c->req until it calls
- *               kl_http_respond*, now or from a later callback.
+ *               the handler owns c->req until it calls kl_http_respond*, now
+ *               or from a later callback; in the latter case reading stops
+ *               when the handler returns, and resumes after the answer.
  *   writing     uv_try_write could not take the whole answer; the rest is in
  *               a uv_write and the timer is the write deadline.
  *   then        keep-alive: drop the answered message, resume llhttp on the
@@ -363,7 +364,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 }
 
 /* The interim answer a client waits for before sending a body it announced
- * with "Expect: 100-continue" (curl does this above 1 KiB). */
+ * with "Expect: 100-continue" (common HTTP clients do this for bodies over
+ * about 1 KiB, and would otherwise stall a second before sending). */
 static const char kl_http_continue[] = "HTTP/1.1 100 Continue\r\n\r\n";
 
 static void on_continue_written(uv_write_t *req, int status)
@@ -497,8 +499,8 @@ static void request_split_url(kl_http_request *req, const char *u, size_t n)
     q = memchr(u, '?', (size_t)(end - u));
     req->path.ptr = u;
     req->path.len = (size_t)((q != NULL ? q : end) - u);
-    if (req->path.len == 0 && u != end) {
-        /* "http://host?x": the path is "/" */
+    if (req->path.len == 0) {
+        /* "http://host" or "http://host?x": the path is "/" */
         req->path.ptr = root;
         req->path.len = 1;
     }
@@ -541,7 +543,8 @@ static void conn_dispatch(kl_http_conn *c)
     char hdr[160];
     unsigned max_req = s->cfg.max_requests_per_conn;
 
-    conn_read_stop(c);
+    /* Reading stops only if the handler keeps the request (see the end of
+     * conn_process): a synchronous answer then costs no epoll change. */
     conn_timer_set(c, KL_HTTP_TIMER_NONE, 0);
     c->close_after = !c->keep_alive || s->shutting_down ||
                      (max_req != 0 && c->nrequests + 1 >= max_req);
@@ -650,6 +653,11 @@ static void conn_process(kl_http_conn *c)
         conn_fail_parse(c);
         break;
     }
+    /* Nothing may be appended to the buffer while a handler holds slices of
+     * it, and a client that does not read its answers must not be able to
+     * pile up more requests: stop reading until the answer is out. */
+    if (!c->closing && (c->req_active || c->writing))
+        conn_read_stop(c);
     c->in_process = false;
 }
 

@@ -646,6 +646,9 @@ static void client_simple(harness *h)
     /* keep-alive: the same socket serves a second request */
     cl_sends(fd, "GET /items/42 HTTP/1.1\r\nHost: x\r\n\r\n");
     cl_read_responses(fd, &h->rx[1], 1);
+    /* absolute-form targets lose scheme and host */
+    cl_sends(fd, "GET http://example.test/hello?x=1 HTTP/1.1\r\n\r\n");
+    cl_read_responses(fd, &h->rx[2], 1);
     close(fd);
 }
 
@@ -659,7 +662,8 @@ static void test_simple_get(void **state)
     assert_string_equal(h->rx[1].buf,
                         expect(want, sizeof(want), "200 OK", "application/json",
                                "{\"id\":\"42\"}", 2, NULL, NULL));
-    assert_int_equal(h->observed, 2);
+    assert_string_equal(h->rx[2].buf, HELLO_OK(want, 3, NULL));
+    assert_int_equal(h->observed, 3);
     assert_int_equal(h->statuses[0], 200);
     free(h);
 }
@@ -1239,7 +1243,7 @@ static void test_big_answer(void **state)
     assert_int_equal(h->echo_rx_len, (size_t)head + 300000);
     assert_memory_equal(h->echo_rx, want, (size_t)head);
     for (i = 0; i < 300000; i++) {
-        if (h->echo_rx[head + i] != (char)('A' + i % 26))
+        if (h->echo_rx[(size_t)head + i] != (char)('A' + i % 26))
             fail_msg("echo differs at byte %zu", i);
     }
 
@@ -1251,7 +1255,7 @@ static void test_big_answer(void **state)
     assert_int_equal(h->big_rx_len, (size_t)head + h->big_len);
     assert_memory_equal(h->big_rx, want, (size_t)head);
     for (i = 0; i < h->big_len; i++) {
-        if (h->big_rx[head + i] != h->big[i])
+        if (h->big_rx[(size_t)head + i] != h->big[i])
             fail_msg("body differs at byte %zu", i);
     }
     assert_string_equal(h->rx[0].buf, HELLO_OK(want, 3, NULL));
