@@ -137,12 +137,14 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
     char secret[KL_SECRET_MAX + 1];
     if (credential(d, req, secret, sizeof secret) != 0)
         return -1;
-    kl_key *k = key_for_secret(d, secret, kl_daemon_now(d));
+    int64_t now = kl_daemon_now(d);
+    kl_key *k = key_for_secret(d, secret, now);
     OPENSSL_cleanse(secret, sizeof secret);
     if (k == NULL) {
         kl_api_error(req, 401, "unauthenticated", BAD_KEY, NULL);
         return -1;
     }
+    kl_key_touch(k, now);
     c->key = k;
     c->org = k->org;
     c->principal = k->owner;

@@ -671,8 +671,9 @@ static void conn_on_sent(kl_http_conn *c)
     c->nrequests++;
     c->out.len = 0;
     if (c->close_after) {
-        /* In a shutdown nobody waits for the linger. */
-        if (s->shutting_down)
+        /* In a shutdown nobody waits for the linger, and a client too slow
+         * to send its request gets no more of our time. */
+        if (s->shutting_down || c->no_linger)
             kl_http_conn_close(c);
         else
             conn_linger(c);
@@ -763,6 +764,7 @@ static void on_timer(uv_timer_t *t)
     switch (c->timer_mode) {
     case KL_HTTP_TIMER_REQUEST:
         c->timer_mode = KL_HTTP_TIMER_NONE;
+        c->no_linger = true;
         conn_fail(c, 408, "invalid_argument", "request timeout");
         break;
     case KL_HTTP_TIMER_IDLE:

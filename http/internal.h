@@ -107,6 +107,7 @@ struct kl_http_conn {
     bool in_process;             /* conn_process is on the stack */
     bool close_after;            /* this answer is the connection's last */
     bool lingering;              /* FIN sent, discarding input */
+    bool no_linger;             /* close at once after the answer (timeouts) */
     bool closing;                /* uv_close called on both handles */
     bool dead;                   /* handles closed, waiting for respond to free */
 

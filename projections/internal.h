@@ -4,18 +4,14 @@
 
 #include "projections.h"
 
-typedef struct kl_idmap_slot {
-    kl_id id;
-    void *value;                /* NULL marks an empty slot */
-} kl_idmap_slot;
-
+/* Entities stored here must begin with their kl_id. */
 typedef struct kl_idmap {
-    kl_idmap_slot *slots;
+    void **slots;               /* NULL marks an empty slot */
     uint32_t cap, len;
 } kl_idmap;
 
 void *kl_idmap_get(const kl_idmap *m, const kl_id *id);
-int kl_idmap_put(kl_idmap *m, const kl_id *id, void *value);
+int kl_idmap_put(kl_idmap *m, void *entity);
 void kl_idmap_free(kl_idmap *m);
 
 #endif

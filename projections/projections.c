@@ -134,8 +134,8 @@ static void key_free(kl_key *k)
 static void free_all(kl_idmap *m, void (*fn)(void *))
 {
     for (uint32_t i = 0; i < m->cap; i++)
-        if (m->slots[i].value != NULL)
-            fn(m->slots[i].value);
+        if (m->slots[i] != NULL)
+            fn(m->slots[i]);
     kl_idmap_free(m);
 }
 
@@ -187,14 +187,14 @@ static int apply_org_created(kl_proj *p, const kl_event *ev, kl_err *err)
     if (kl_idmap_get(&p->org_by_id, &ev->org) != NULL)
         return misfit(err, ev, "organization exists");
     kl_org *o = calloc(1, sizeof *o);
-    if (o == NULL || vec_reserve(&p->orgs) != KL_OK ||
-        (o->name = str_dup(ev->name)) == NULL ||
-        kl_idmap_put(&p->org_by_id, &ev->org, o) != KL_OK) {
-        if (o != NULL)
-            org_free(o);
+    if (o == NULL)
+        return KL_ENOMEM;
+    o->id = ev->org;
+    if (vec_reserve(&p->orgs) != KL_OK || (o->name = str_dup(ev->name)) == NULL ||
+        kl_idmap_put(&p->org_by_id, o) != KL_OK) {
+        org_free(o);
         return KL_ENOMEM;
     }
-    o->id = ev->org;
     o->created_at = o->updated_at = ev->ts;
     o->version = 1;
     p->orgs.items[p->orgs.len++] = o;
@@ -218,7 +218,7 @@ static int apply_user_invited(kl_proj *p, kl_org *o, const kl_event *ev,
     if ((u->email = str_dup(ev->email)) == NULL ||
         (u->name = str_dup(ev->has & KL_F_NAME ? ev->name : none)) == NULL ||
         vec_reserve(&o->users) != KL_OK ||
-        kl_idmap_put(&p->user_by_id, &u->id, u) != KL_OK) {
+        kl_idmap_put(&p->user_by_id, u) != KL_OK) {
         user_free(u);
         return KL_ENOMEM;
     }
@@ -279,7 +279,7 @@ static int apply_sa_created(kl_proj *p, kl_org *o, const kl_event *ev,
         (s->description = str_dup(ev->has & KL_F_DESCRIPTION ? ev->description
                                                              : none)) == NULL ||
         vec_reserve(&o->sas) != KL_OK ||
-        kl_idmap_put(&p->sa_by_id, &s->id, s) != KL_OK) {
+        kl_idmap_put(&p->sa_by_id, s) != KL_OK) {
         sa_free(s);
         return KL_ENOMEM;
     }
@@ -411,7 +411,7 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     if (key_settings(k, ev) != KL_OK ||
         (k->description == NULL && (k->description = str_dup(none)) == NULL) ||
         vec_reserve(&o->keys) != KL_OK ||
-        kl_idmap_put(&p->key_by_id, &k->id, k) != KL_OK) {
+        kl_idmap_put(&p->key_by_id, k) != KL_OK) {
         key_free(k);
         return KL_ENOMEM;
     }
@@ -511,7 +511,7 @@ static int apply_idem(kl_proj *p, const kl_event *ev)
     r->type = ev->type;
     r->target = ev->id;
     r->ts = ev->ts;
-    if (kl_idmap_put(&p->idem_by_slot, &slot, r) != KL_OK) {
+    if (kl_idmap_put(&p->idem_by_slot, r) != KL_OK) {
         free(r);
         return KL_ENOMEM;
     }
@@ -632,6 +632,12 @@ bool kl_key_owner_enabled(const kl_key *k)
         return !((const kl_user *)k->owner_ptr)->removed;
     const kl_sa *s = k->owner_ptr;
     return s->active && !s->deleted;
+}
+
+void kl_key_touch(kl_key *k, int64_t now)
+{
+    if (now > k->last_used_at)
+        k->last_used_at = now;
 }
 
 kl_role kl_key_role(const kl_key *k)

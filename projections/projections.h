@@ -140,6 +140,10 @@ kl_key_status kl_key_status_at(const kl_key *k, int64_t now);
 const char *kl_key_status_name(kl_key_status s);
 /* The key's owner can act: user not removed, service account active. */
 bool kl_key_owner_enabled(const kl_key *k);
+/* The one change outside the fold: a key's last use, recorded by the
+ * daemon on every successful authentication so `last_used_at` is exact at
+ * query time. It is memory-only until usage is written to the log. */
+void kl_key_touch(kl_key *k, int64_t now);
 /* The role the key acts with now: its owner's current role. */
 kl_role kl_key_role(const kl_key *k);
 
