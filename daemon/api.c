@@ -121,10 +121,10 @@ static kl_key *key_for_secret(kl_daemon *d, const char *secret, int64_t now)
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
     if (!match && k->old_until > now)
         match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
-    if (!match || kl_key_status_at(k, now) != KL_KEY_ACTIVE ||
-        !kl_key_owner_enabled(k))
-        return NULL;
-    return k;
+    bool ok = match && kl_key_status_at(k, now) == KL_KEY_ACTIVE &&
+              kl_key_owner_enabled(k);
+    kl_usage_note(d->usage, k, ok, now);
+    return ok ? k : NULL;
 }
 
 int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)

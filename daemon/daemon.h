@@ -31,6 +31,7 @@ typedef struct kl_config {
     uint64_t segment_bytes;
     kl_http_config http;
     kl_level log_level;
+    unsigned usage_flush_ms;    /* how often usage counts are written */
 } kl_config;
 
 void kl_config_defaults(kl_config *cfg);
@@ -45,6 +46,7 @@ int kl_config_fsync(kl_config *cfg, const char *text, kl_err *err);
 typedef struct kl_cmd kl_cmd;
 typedef struct kl_commit kl_commit;
 typedef struct kl_idem_cache kl_idem_cache;
+typedef struct kl_usage kl_usage;
 
 typedef struct kl_daemon {
     kl_config cfg;
@@ -56,6 +58,7 @@ typedef struct kl_daemon {
     kl_http_server *http;
     kl_idgen ids;
     kl_idem_cache *idem;
+    kl_usage *usage;
     bool ready;                 /* replay done */
     bool stopping;
     uv_signal_t sigterm, sigint;
@@ -138,6 +141,15 @@ void kl_commit_drain(kl_commit *c, void (*on_done)(kl_daemon *d));
 void kl_commit_free(kl_commit *c);
 /* Why writes are refused now, or NULL when they are accepted. */
 const char *kl_commit_unavailable(const kl_commit *c);
+
+/* ---- usage (usage.c) -------------------------------------------------- */
+
+int kl_usage_new(kl_daemon *d, unsigned interval_ms, kl_usage **out);
+/* A call with key k: accepted, or refused (wrong secret, expired, ...). */
+void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, int64_t now);
+/* Write what was counted since the last flush (timer, and at shutdown). */
+void kl_usage_flush(kl_usage *u);
+void kl_usage_free(kl_usage *u);
 
 /* ---- idempotency (idem.c) -------------------------------------------- */
 

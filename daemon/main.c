@@ -93,6 +93,11 @@ static void on_drained(kl_daemon *d)
 static void on_http_closed(void *arg)
 {
     kl_daemon *d = arg;
+    /* Every request is answered: count their usage, then flush it all. */
+    if (d->ready)
+        kl_usage_flush(d->usage);
+    kl_usage_free(d->usage);
+    d->usage = NULL;
     kl_commit_drain(d->commit, on_drained);
 }
 
@@ -207,7 +212,8 @@ int main(int argc, char **argv)
     if (open_log(d) != KL_OK)
         return 1;
     if (kl_proj_new(&d->proj) != KL_OK || kl_idem_cache_new(&d->idem) != KL_OK ||
-        kl_commit_new(d, &d->commit) != KL_OK) {
+        kl_commit_new(d, &d->commit) != KL_OK ||
+        kl_usage_new(d, d->cfg.usage_flush_ms, &d->usage) != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "out of memory at startup");
         return 1;
     }

@@ -21,7 +21,8 @@
  *   id bin16, name str, desc str, email str, comment str, prefix str,
  *   role uint, otype uint + owner bin16, hash bin32, env uint,
  *   access uint + flows [str], rl [minute, day], lim [minute, day, month],
- *   exp int (0 = never), grace int, active bool, idem [key str, fp bin16]
+ *   exp int (0 = never), grace int, active bool, idem [key str, fp bin16],
+ *   usage [from int, to int, successes uint, failures uint, last_used int]
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -84,7 +85,8 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
         KL_F_ID, KL_F_ID | KL_F_IDEM},
     [KL_EV_USAGE_LIMITS_CHANGED] = {"UsageLimitsChanged", 1, KL_CAT_CONTROL,
         KL_F_LIMITS, KL_F_LIMITS | KL_F_IDEM},
-    [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 1, KL_CAT_USAGE, 0, 0},
+    [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 1, KL_CAT_USAGE,
+        KL_F_ID | KL_F_USAGE, KL_F_ID | KL_F_USAGE},
     [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, 0, 0},
     [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS, 0, 0},
     [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS, 0, 0},
@@ -255,6 +257,13 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
              msgpack_pack_uint32(&pk, ev->lim_minute) ||
              msgpack_pack_uint32(&pk, ev->lim_day) ||
              msgpack_pack_uint32(&pk, ev->lim_month);
+    if (!rc && (has & KL_F_USAGE))
+        rc = pack_key(&pk, "usage") || msgpack_pack_array(&pk, 5) ||
+             msgpack_pack_int64(&pk, ev->usage_from) ||
+             msgpack_pack_int64(&pk, ev->usage_to) ||
+             msgpack_pack_uint32(&pk, ev->successes) ||
+             msgpack_pack_uint32(&pk, ev->failures) ||
+             msgpack_pack_int64(&pk, ev->last_used);
     if (!rc && (has & KL_F_IDEM))
         rc = pack_key(&pk, "idem") || msgpack_pack_array(&pk, 2) ||
              pack_str(&pk, ev->idem_key.ptr, ev->idem_key.len) ||
@@ -411,6 +420,14 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
             return 0;
         ev->active = v->via.boolean;
         return KL_F_ACTIVE;
+    }
+    if (key_is(k, "usage")) {
+        const msgpack_object *u = v->via.array.ptr;
+        return is_array(v, 5) && get_int(&u[0], &ev->usage_from) &&
+                       get_int(&u[1], &ev->usage_to) &&
+                       get_u32(&u[2], &ev->successes) &&
+                       get_u32(&u[3], &ev->failures) && get_int(&u[4], &ev->last_used)
+                   ? KL_F_USAGE : 0;
     }
     if (key_is(k, "idem"))
         return is_array(v, 2) && get_str(&v->via.array.ptr[0], &ev->idem_key) &&

@@ -754,6 +754,9 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
             if (seq >= from_seq) {
                 rc = fn(seq, p, len, with_hashes ? hash : NULL, arg);
                 if (rc != 0) {
+                    /* Say where the walk stopped; the message is fn's. */
+                    snprintf(err->segment, sizeof err->segment, "%s", name);
+                    err->offset = off;
                     segment_unmap(&m);
                     return rc;
                 }
@@ -921,6 +924,7 @@ int kl_log_verify(const char *dir, kl_log_record_fn check, void *arg,
                   kl_log_verify_report *rep, kl_err *err)
 {
     memset(rep, 0, sizeof *rep);
+    memset(err, 0, sizeof *err);    /* the report copies it, set or not */
     kl_log_config cfg;
     kl_log_config_defaults(&cfg);
     cfg.dir = dir;

@@ -200,7 +200,8 @@ enum {
     KL_F_COMMENT = 1u << 13,
     KL_F_ACTIVE = 1u << 14,
     KL_F_LIMITS = 1u << 15,      /* org limits: minute, day, month (0 = none) */
-    KL_F_IDEM = 1u << 16         /* idempotency key + request fingerprint */
+    KL_F_IDEM = 1u << 16,        /* idempotency key + request fingerprint */
+    KL_F_USAGE = 1u << 17        /* usage counts of one key over a period */
 };
 
 typedef struct kl_actor {
@@ -239,6 +240,11 @@ typedef struct kl_event {
     bool active;
     kl_str idem_key;
     uint8_t idem_fp[16];        /* fingerprint of the request body */
+    /* UsageRecorded: calls with the key between from and to (ms): accepted
+     * (successes) and refused (failures: wrong secret, expired, revoked,
+     * owner disabled), and the last accepted use (0 = none in the period). */
+    int64_t usage_from, usage_to, last_used;
+    uint32_t successes, failures;
 } kl_event;
 
 typedef enum {

@@ -459,6 +459,17 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
     return KL_OK;
 }
 
+/* Usage of a key, deleted or not (its history stays). */
+static int apply_usage(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
+{
+    kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
+    if (k == NULL || k->org != o)
+        return misfit(err, ev, "usage of a key not in the organization");
+    if (ev->last_used > k->last_used_at)
+        k->last_used_at = ev->last_used;
+    return KL_OK;
+}
+
 static int apply_limits(kl_org *o, const kl_event *ev)
 {
     o->lim_minute = ev->lim_minute;
@@ -563,6 +574,9 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
         break;
     case KL_EV_USAGE_LIMITS_CHANGED:
         rc = apply_limits(o, ev);
+        break;
+    case KL_EV_USAGE_RECORDED:
+        rc = apply_usage(p, o, ev, err);
         break;
     default:
         return misfit(err, ev, "this build cannot apply the event type");

@@ -90,6 +90,8 @@ typedef struct kl_key {
     kl_ref revoked_by;
     char *revoked_comment;
     uint64_t version;
+    uint32_t usage_slot;        /* the daemon's unflushed usage entry + 1;
+                                   not state: the fold never reads it */
 } kl_key;
 
 /* An Idempotency-Key the log remembers: who sent it, for what, with what. */

@@ -809,6 +809,13 @@ class RawConn(object):
 
     def read_response(self, timeout=10.0, head_request=False):
         """Reads one HTTP response (Content-Length, chunked or close)."""
+        try:
+            return self._read_response(timeout, head_request)
+        except (socket.timeout, TimeoutError):
+            fail("no complete HTTP response within %ss (received so far: %r)"
+                 % (timeout, self.buf[:300]))
+
+    def _read_response(self, timeout, head_request):
         deadline = time.time() + timeout
         while b"\r\n\r\n" not in self.buf:
             if not self._fill(deadline):
@@ -941,9 +948,11 @@ def check_key(obj, with_secret=False, env=None):
     check(o["type"] in ("user", "service_account"), "owner.type %r" % o["type"])
     check(is_id(o["id"], "usr" if o["type"] == "user" else "sa"),
           "owner.id %r" % o["id"])
-    # created_by is a principal id (as revoked_by is in the seed documents).
+    # created_by is a principal id (as revoked_by is in the seed documents);
+    # "system" is tolerated for the key `keyledger init` makes.
     check(isinstance(obj["created_by"], str) and
-          PRINCIPAL_RE.match(obj["created_by"]) is not None,
+          (PRINCIPAL_RE.match(obj["created_by"]) is not None or
+           obj["created_by"] == "system"),
           "created_by %r is not a usr_/sa_ id" % (obj["created_by"],))
     p = obj["permissions"]
     check(isinstance(p, dict) and "access" in p and set(p) <= {"access", "flows"},

@@ -7,6 +7,7 @@ Run: KL_BUILD_DIR=build python3 tests/e2e/run_all.py [name-substring...]
 import os
 import sys
 
+sys.dont_write_bytecode = True      # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import test_durability  # noqa: E402

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 
+sys.dont_write_bytecode = True      # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 from harness import check, eq, expect, expect_error, fail  # noqa: E402
@@ -496,7 +497,7 @@ def test_not_found():
     before = h.key_snapshot(c)
     unknown = h.random_id("key")
     for kid in (unknown, "not-a-key", env.info["user_id"], env.info["org_id"],
-                k["id"].upper(), k["id"] + "x"):
+                k["id"] + "x", "key_"):
         p = KEY_PATH % kid
         expect_error(c.get(p), 404, "not_found")
         expect_error(c.patch(p, {"name": "x"}), 404, "not_found")
@@ -1115,6 +1116,59 @@ def test_body_too_large_413():
     # Exactly at the limit is accepted.
     r = expect(c.post("/v1/api-keys", padded(4096)), 201)
     eq(r.json["name"], "sized", "name")
+
+
+def test_malformed_http_requests():
+    # Garbage on the wire: a 400 (with X-Request-Id, and the error shape if
+    # it has a JSON body) or a closed connection, never a hang, and the
+    # daemon keeps serving.
+    env = h.Env()
+    c = env.client()
+    before = h.key_snapshot(c)
+    for raw in (b"GARBAGE\r\n\r\n",
+                b"GET /v1/me HTTP/9.9\r\nHost: x\r\n\r\n",
+                b"GET /v1/me HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+                ("POST /v1/api-keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 "%s\r\nContent-Type: application/json\r\nContent-Length: abc"
+                 "\r\n\r\n{}" % env.key).encode(),
+                ("POST /v1/api-keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 "%s\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+                 "Content-Length: 15\r\n\r\n{\"name\":\"dup\"}" % env.key).encode(),
+                b"\x00\x01\x02\x03\xff\xfe\r\n\r\n"):
+        rc = h.RawConn(env.port)
+        try:
+            rc.send(raw)
+            try:
+                r = rc.read_response(timeout=5.0)
+            except h.Failure:
+                if rc.closed_by_peer and not rc.buf:
+                    continue            # closed without an answer: fine
+                raise
+            check(r.status in (400, 413, 431, 505),
+                  "malformed request %r answered %s" % (raw[:60], r.describe()))
+            h.check_request_id(r)
+            if r.body:
+                h.check_error_shape(r)
+        finally:
+            rc.close()
+    h.assert_unchanged(c, before, "malformed HTTP requests")
+    expect(h.Client(env.port, None).get("/healthz"), 200)
+
+
+def test_connection_close_and_http10():
+    env = h.Env(config={"idle_timeout_ms": 20000})
+    for raw in (h.raw_request("GET", "/healthz", headers=[("Connection", "close")]),
+                b"GET /healthz HTTP/1.0\r\n\r\n"):
+        rc = h.RawConn(env.port)
+        try:
+            rc.send(raw)
+            r = rc.read_response()
+            eq(r.status, 200, "status for %r" % raw[:40])
+            h.check_request_id(r)
+            check(rc.closed_by_peer or rc.wait_closed(3.0),
+                  "connection left open after %r" % raw[:40])
+        finally:
+            rc.close()
 
 
 def test_pipelined_requests_answered_in_order():

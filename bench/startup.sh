@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Startup replay and memory.
+#  1. Replay: keyledgerd starting on a log of N events (default 1,000,000
+#     KeyCreated) against Redis loading an AOF of N HSET commands of 6 fields;
+#     rates in events (commands) per second. Goal: keyledger >= 2x Redis.
+#  2. Memory: resident memory per 100,000 keys, keyledgerd (RSS with the keys
+#     minus RSS with none) against Redis holding 100,000 hashes of 6 fields
+#     (RSS after loading minus an empty server's). Goal: <= 1.0x Redis.
+. "$(dirname "$0")/lib.sh"
+N=${N:-1000000}
+MEM_N=${MEM_N:-100000}
+ROUNDS=${ROUNDS:-3}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# keyledgerd: time from exec to "ready" as it logs it (replay only), and the
+# whole start (open + recovery scan + replay) until /readyz answers 200.
+kl_start() {    # kl_start DATA -> "replay_ms total_ms rss_kb"
+  local port t0 t1 ms rss
+  port=$(free_port)
+  t0=$(date +%s%N)
+  start_keyledgerd "$1" "$port"
+  t1=$(date +%s%N)
+  ms=$(sed -n 's/.*replayed [0-9]* events in \([0-9.]*\) ms.*/\1/p' "$BENCH_TMP/keyledgerd.$port.log")
+  rss=$(rss_kb "$KL_PID")
+  kill "$KL_PID"; wait "$KL_PID" 2>/dev/null || true
+  echo "$ms $(( (t1 - t0) / 1000000 )) $rss"
+}
+
+# An AOF of N HSETs, 6 fields each, the same shape as a key.
+make_aof() {    # make_aof FILE N
+  python3 - "$1" "$2" <<'PY'
+import sys
+path, n = sys.argv[1], int(sys.argv[2])
+def cmd(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else a.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+with open(path, "wb") as f:
+    f.write(cmd("SELECT", "0"))
+    for i in range(n):
+        kid = "key_01m8%022d" % i
+        f.write(cmd("HSET", kid, "name", "service key %d" % i,
+                    "owner", "usr_01m840qzxe405pt2gg7smef00t",
+                    "prefix", "kl_live_01m8%04d" % (i % 10000),
+                    "hash", "%064x" % (i * 2654435761),
+                    "created_at", "2026-11-23T11:01:13.811Z",
+                    "status", "active"))
+PY
+}
+
+redis_load() {  # redis_load DIR -> "load_ms rss_kb"
+  local port pid ms
+  port=$(free_port)
+  redis-server --port "$port" --dir "$1" --appendonly yes --appendfilename appendonly.aof \
+    --save '' --daemonize no >"$1/redis.log" 2>&1 &
+  pid=$!; BENCH_PIDS+=("$pid")
+  for _ in $(seq 1 2000); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.01; done
+  ms=$(sed -n 's/.*DB loaded from append only file: \([0-9.]*\) seconds.*/\1/p' "$1/redis.log" | tail -1)
+  echo "$(python3 -c "print(float('${ms:-0}')*1000)") $(rss_kb "$pid")"
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || kill "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+
+echo "generating $N events and an AOF of $N commands..."
+"$KL_BUILD/kl_genlog" "$BENCH_TMP/big" "$N"
+mkdir -p "$BENCH_TMP/redis-big"; make_aof "$BENCH_TMP/redis-big/appendonly.aof" "$N"
+
+klr=(); rdr=()
+for r in $(seq 1 "$ROUNDS"); do
+  read -r kms ktotal _ <<<"$(kl_start "$BENCH_TMP/big")"
+  rm -rf "$BENCH_TMP/redis-big/appendonlydir"
+  read -r rms _ <<<"$(redis_load "$BENCH_TMP/redis-big")"
+  # Redis 7 converts the legacy AOF into appendonlydir on first load: put it back.
+  klr+=("$(python3 -c "print($N/($kms/1000))")")
+  rdr+=("$(python3 -c "print($N/($rms/1000) if $rms else 0)")")
+  echo "round $r: keyledger replay ${kms} ms (start to ready ${ktotal} ms), redis AOF load ${rms} ms"
+done
+k=$(median "${klr[@]}"); r=$(median "${rdr[@]}")
+printf "startup replay of %d events: keyledger %.0f events/s, redis %.0f commands/s, ratio %s (goal >= 2.0)\n" \
+  "$N" "$k" "$r" "$(ratio "$k" "$r")"
+
+"$KL_BUILD/kl_genlog" "$BENCH_TMP/empty" 0
+"$KL_BUILD/kl_genlog" "$BENCH_TMP/mem" "$MEM_N"
+read -r _ _ kl0 <<<"$(kl_start "$BENCH_TMP/empty")"
+read -r _ _ kl1 <<<"$(kl_start "$BENCH_TMP/mem")"
+mkdir -p "$BENCH_TMP/redis-empty" "$BENCH_TMP/redis-mem"
+make_aof "$BENCH_TMP/redis-empty/appendonly.aof" 0
+make_aof "$BENCH_TMP/redis-mem/appendonly.aof" "$MEM_N"
+read -r _ rd0 <<<"$(redis_load "$BENCH_TMP/redis-empty")"
+read -r _ rd1 <<<"$(redis_load "$BENCH_TMP/redis-mem")"
+kb=$(( kl1 - kl0 )); rb=$(( rd1 - rd0 ))
+printf "memory for %d keys: keyledger %d KiB (%d B/key), redis %d KiB (%d B/key), ratio %s (goal <= 1.0)\n" \
+  "$MEM_N" "$kb" $(( kb * 1024 / MEM_N )) "$rb" $(( rb * 1024 / MEM_N )) "$(ratio "$kb" "$rb")"
