@@ -194,6 +194,25 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
     const event_spec *sp = &specs[ev->type];
     if ((ev->has & sp->required) != sp->required || (ev->has & ~sp->allowed))
         return KL_EINVAL;
+    /* Refuse what the decoder would refuse: a record written here must
+     * always replay. */
+    const kl_str *strs[] = {&ev->name, &ev->description, &ev->email, &ev->comment,
+                            &ev->prefix, &ev->idem_key};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        if (strs[i]->len > MAX_STR)
+            return KL_EINVAL;
+    if (ev->actor.type < KL_PRINCIPAL_USER || ev->actor.type > KL_PRINCIPAL_SYSTEM ||
+        ((ev->has & KL_F_ROLE) && (ev->role < KL_ROLE_OWNER || ev->role > KL_ROLE_GUEST)) ||
+        ((ev->has & KL_F_OWNER) &&
+         (ev->owner_type < KL_PRINCIPAL_USER || ev->owner_type > KL_PRINCIPAL_SA)) ||
+        ((ev->has & KL_F_ENV) && (ev->env < KL_ENV_LIVE || ev->env > KL_ENV_TEST)) ||
+        ((ev->has & KL_F_ACCESS) &&
+         (ev->access < KL_ACCESS_FULL || ev->access > KL_ACCESS_FLOWS ||
+          ev->nflows > KL_MAX_FLOWS)))
+        return KL_EINVAL;
+    for (uint32_t i = 0; (ev->has & KL_F_ACCESS) && i < ev->nflows; i++)
+        if (ev->flows[i].len > MAX_STR)
+            return KL_EINVAL;
 
     msgpack_packer pk;
     msgpack_packer_init(&pk, out, buf_write);

@@ -122,11 +122,7 @@ int kl_proj_new(kl_proj **out)
 
 static void key_free(kl_key *k)
 {
-    for (uint32_t i = 0; i < k->nflows; i++)
-        free(k->flows[i]);
-    free(k->flows);
-    free(k->name);
-    free(k->description);
+    free(k->strings);
     free(k->revoked_comment);
     free(k);
 }
@@ -323,39 +319,51 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
 /* ---- keys ------------------------------------------------------------- */
 
 /* Copies the settings an event carries (name, description, permissions,
- * rate limit, expiry) onto the key. Copies first, then swaps, so a failed
- * allocation leaves the key as it was. */
+ * rate limit, expiry) onto the key. The name, description and flows live in
+ * one allocation (k->strings: the flow pointers, then the texts), one
+ * malloc a key instead of four; a change rebuilds it from the new values
+ * and the kept old ones, so a failed allocation leaves the key as it was. */
 static int key_settings(kl_key *k, const kl_event *ev)
 {
-    char *name = NULL, *desc = NULL, **flows = NULL;
-    if ((ev->has & KL_F_NAME) && (name = str_dup(ev->name)) == NULL)
-        goto nomem;
-    if ((ev->has & KL_F_DESCRIPTION) && (desc = str_dup(ev->description)) == NULL)
-        goto nomem;
-    if ((ev->has & KL_F_ACCESS) && ev->nflows > 0) {
-        flows = calloc(ev->nflows, sizeof *flows);
-        if (flows == NULL)
-            goto nomem;
-        for (uint32_t i = 0; i < ev->nflows; i++)
-            if ((flows[i] = str_dup(ev->flows[i])) == NULL)
-                goto nomem;
+    kl_str name = ev->has & KL_F_NAME ? ev->name
+                  : (kl_str){k->name, k->name ? (uint32_t)strlen(k->name) : 0};
+    kl_str desc = ev->has & KL_F_DESCRIPTION ? ev->description
+                  : (kl_str){k->description,
+                             k->description ? (uint32_t)strlen(k->description) : 0};
+    bool new_flows = (ev->has & KL_F_ACCESS) != 0;
+    uint32_t nflows = new_flows ? ev->nflows : k->nflows;
+    size_t size = nflows * sizeof(char *) + name.len + 1 + desc.len + 1;
+    for (uint32_t i = 0; i < nflows; i++)
+        size += (new_flows ? ev->flows[i].len : strlen(k->flows[i])) + 1;
+    char *blob = malloc(size);
+    if (blob == NULL)
+        return KL_ENOMEM;
+    char **flows = nflows ? (char **)blob : NULL;
+    char *at = blob + nflows * sizeof(char *);
+    for (uint32_t i = 0; i < nflows; i++) {
+        kl_str f = new_flows ? ev->flows[i]
+                             : (kl_str){k->flows[i], (uint32_t)strlen(k->flows[i])};
+        flows[i] = at;
+        memcpy(at, f.ptr, f.len);
+        at[f.len] = '\0';
+        at += f.len + 1;
     }
-    if (ev->has & KL_F_NAME) {
-        free(k->name);
-        k->name = name;
-    }
-    if (ev->has & KL_F_DESCRIPTION) {
-        free(k->description);
-        k->description = desc;
-    }
-    if (ev->has & KL_F_ACCESS) {
-        for (uint32_t i = 0; i < k->nflows; i++)
-            free(k->flows[i]);
-        free(k->flows);
-        k->flows = flows;
-        k->nflows = ev->nflows;
+    char *n = at;
+    memcpy(n, name.ptr, name.len);
+    n[name.len] = '\0';
+    char *dsc = n + name.len + 1;
+    if (desc.len)
+        memcpy(dsc, desc.ptr, desc.len);
+    dsc[desc.len] = '\0';
+
+    free(k->strings);
+    k->strings = blob;
+    k->name = n;
+    k->description = dsc;
+    k->flows = flows;
+    k->nflows = nflows;
+    if (new_flows)
         k->access = ev->access;
-    }
     if (ev->has & KL_F_RATE_LIMIT) {
         k->rl_minute = ev->rl_minute;
         k->rl_day = ev->rl_day;
@@ -363,14 +371,6 @@ static int key_settings(kl_key *k, const kl_event *ev)
     if (ev->has & KL_F_EXPIRES)
         k->expires_at = ev->expires_at;
     return KL_OK;
-nomem:
-    if (flows != NULL)
-        for (uint32_t i = 0; i < ev->nflows; i++)
-            free(flows[i]);
-    free(flows);
-    free(name);
-    free(desc);
-    return KL_ENOMEM;
 }
 
 static void prefix_set(kl_key *k, kl_str prefix)
@@ -407,10 +407,7 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     prefix_set(k, ev->prefix);
     k->created_at = k->updated_at = ev->ts;
     k->version = 1;
-    kl_str none = {"", 0};
-    if (key_settings(k, ev) != KL_OK ||
-        (k->description == NULL && (k->description = str_dup(none)) == NULL) ||
-        vec_reserve(&o->keys) != KL_OK ||
+    if (key_settings(k, ev) != KL_OK || vec_reserve(&o->keys) != KL_OK ||
         kl_idmap_put(&p->key_by_id, k) != KL_OK) {
         key_free(k);
         return KL_ENOMEM;

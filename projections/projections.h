@@ -71,9 +71,12 @@ typedef struct kl_key {
     kl_ref owner;
     void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
     kl_ref created_by;
-    char *name;
-    char *description;
-    char prefix[20];            /* first 16 characters of the secret */
+    char *name;                 /* name, description and flows point into */
+    char *description;          /* `strings`, one allocation */
+    char *strings;
+    char prefix[20];            /* the display prefix: the secret's first
+                                   16 characters (longer only if an event
+                                   says so; kept up to 19) */
     kl_env env;
     kl_access access;
     char **flows;

@@ -1,0 +1,1297 @@
+/*
+ * tests/unit/test_log.c — the file log: framing, replay, the hash chain,
+ * segment rolls, and what opening does with every kind of damage.
+ *
+ * Each test gets a fresh data dir (mkdtemp) holding a newly created log and
+ * removes it at the end. Record bodies are a deterministic function of their
+ * seq, so a record written again after a cut has the very same bytes, and the
+ * segment files are read back with a small parser of the documented format
+ * (see the top of log/log.c) that shares no code with the log.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/sha.h>
+
+#include "log.h"
+
+/* Defined in log/checksum.c for this test: the table-driven CRC-32C that is
+ * used when the CPU has no CRC instruction. */
+uint32_t kl_crc32c_portable(uint32_t crc, const void *data, size_t len);
+
+enum { HEADER = 64, PREFIX = 44, MAX_BODY = 160, MAX_RECS = 4096 };
+
+/* ---- fixture ----------------------------------------------------------- */
+
+typedef struct fx {
+    char dir[512];
+    kl_log_config cfg;
+} fx;
+
+static int rm_entry(const char *path, const struct stat *st, int flag,
+                    struct FTW *ftw)
+{
+    (void)st; (void)flag; (void)ftw;
+    return remove(path);
+}
+
+static void rm_rf(const char *dir)
+{
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static int setup(void **state)
+{
+    fx *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return -1;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(f->dir, sizeof f->dir, "%s/kl-test-log-XXXXXX",
+             tmp != NULL && tmp[0] != '\0' ? tmp : P_tmpdir);
+    if (mkdtemp(f->dir) == NULL) {
+        free(f);
+        return -1;
+    }
+    kl_log_config_defaults(&f->cfg);
+    f->cfg.dir = f->dir;
+    f->cfg.fsync = KL_FSYNC_OFF;
+    kl_err err = {0};
+    if (kl_log_create(&f->cfg, &err) != KL_OK) {
+        fprintf(stderr, "create: %s\n", err.msg);
+        rm_rf(f->dir);
+        free(f);
+        return -1;
+    }
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fx *f = *state;
+    rm_rf(f->dir);
+    free(f);
+    return 0;
+}
+
+/* ---- files ------------------------------------------------------------- */
+
+static void seg_name(uint64_t first, char out[32])
+{
+    snprintf(out, 32, "%020llu.log", (unsigned long long)first);
+}
+
+static void path_of(const fx *f, const char *name, char out[600])
+{
+    snprintf(out, 600, "%s/%s", f->dir, name);
+}
+
+static uint8_t *read_all(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
+    long n = ftell(fp);
+    assert_true(n >= 0);
+    rewind(fp);
+    uint8_t *p = malloc((size_t)n + 1);
+    assert_non_null(p);
+    assert_int_equal(fread(p, 1, (size_t)n, fp), (size_t)n);
+    fclose(fp);
+    *len = (size_t)n;
+    return p;
+}
+
+static void write_all_file(const char *path, const void *p, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_TRUNC | O_CREAT, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, p, n), (ssize_t)n);
+    close(fd);
+}
+
+static void append_file(const char *path, const void *p, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_APPEND);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, p, n), (ssize_t)n);
+    close(fd);
+}
+
+static uint64_t file_size(const char *path)
+{
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    return (uint64_t)st.st_size;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* First seqs of the segment files in the dir, ascending. */
+static size_t list_segments(const fx *f, uint64_t *out, size_t max)
+{
+    DIR *d = opendir(f->dir);
+    assert_non_null(d);
+    size_t n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        const char *s = de->d_name;
+        if (strlen(s) != 24 || strcmp(s + 20, ".log") != 0)
+            continue;
+        uint64_t v = 0;
+        for (int i = 0; i < 20; i++) {
+            assert_true(s[i] >= '0' && s[i] <= '9');
+            v = v * 10 + (uint64_t)(s[i] - '0');
+        }
+        assert_true(n < max);
+        out[n++] = v;
+    }
+    closedir(d);
+    qsort(out, n, sizeof *out, cmp_u64);
+    return n;
+}
+
+/* ---- record bodies ------------------------------------------------------ */
+
+static size_t body_len(uint64_t seq) { return 1 + (size_t)(seq * 37 % 120); }
+
+static size_t body_for(uint64_t seq, uint8_t out[MAX_BODY])
+{
+    size_t n = body_len(seq);
+    for (size_t i = 0; i < n; i++)
+        out[i] = (uint8_t)(seq * 131 + i * 7 + 3);
+    return n;
+}
+
+/* Frames and writes n records in batches of per_batch, checking each seq. */
+static void append_records(kl_log *log, uint64_t n, uint64_t per_batch)
+{
+    uint64_t done = 0;
+    while (done < n) {
+        kl_log_mark m;
+        kl_log_mark_get(log, &m);
+        assert_int_equal(m.seq, kl_log_head_seq(log));
+        kl_buf b = {0};
+        uint64_t k = n - done < per_batch ? n - done : per_batch;
+        for (uint64_t i = 0; i < k; i++) {
+            uint8_t body[MAX_BODY];
+            size_t bl = body_for(m.seq + 1 + i, body);
+            uint64_t seq = 0;
+            assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+            assert_int_equal(seq, m.seq + 1 + i);
+            assert_int_equal(kl_log_head_seq(log), seq);
+        }
+        kl_err err = {0};
+        int rc = kl_log_write(log, &b, &m, &err);
+        if (rc != KL_OK)
+            fail_msg("kl_log_write: %d %s", rc, err.msg);
+        kl_buf_free(&b);
+        done += k;
+    }
+}
+
+static kl_log *open_ok(fx *f, kl_log_recovery *rec)
+{
+    kl_log *log = NULL;
+    kl_err err = {0};
+    int rc = kl_log_open(&log, &f->cfg, rec, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_open: %d %s", rc, err.msg);
+    return log;
+}
+
+/* ---- a reader of the documented format --------------------------------- */
+
+static uint32_t le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+static uint64_t le64(const uint8_t *p)
+{
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
+}
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* Bit at a time, straight from the definition (reflected 0x82F63B78). */
+static uint32_t crc32c_ref(uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = crc & 1 ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+    }
+    return ~crc;
+}
+
+typedef struct rec_pos {
+    uint64_t off;       /* of the 8-byte record header in the segment */
+    uint32_t len;       /* payload length */
+    uint64_t seq;
+} rec_pos;
+
+typedef struct seg_info {
+    uint64_t first_seq;
+    uint8_t carried[KL_HASH_LEN];
+    size_t nrec;
+    rec_pos recs[MAX_RECS];
+    uint8_t *bytes;
+    size_t size;
+} seg_info;
+
+/* Reads a whole, undamaged segment and checks it against the format. */
+static void seg_read(const fx *f, uint64_t first, seg_info *si)
+{
+    char name[32], path[600];
+    seg_name(first, name);
+    path_of(f, name, path);
+    memset(si, 0, sizeof *si);
+    si->bytes = read_all(path, &si->size);
+    const uint8_t *h = si->bytes;
+    assert_true(si->size >= HEADER);
+    assert_memory_equal(h, "KLEDGERL", 8);
+    assert_int_equal(le32(h + 8), 1);
+    assert_int_equal(le32(h + 12), HEADER);
+    assert_int_equal(le64(h + 16), first);
+    assert_int_equal(le32(h + 56), 0);
+    assert_int_equal(le32(h + 60), crc32c_ref(0, h, 60));
+    si->first_seq = first;
+    memcpy(si->carried, h + 24, KL_HASH_LEN);
+    size_t off = HEADER;
+    while (off < si->size) {
+        assert_true(si->size - off >= 8);
+        uint32_t len = le32(si->bytes + off);
+        assert_true(len >= PREFIX);
+        assert_true(si->size - off - 8 >= len);
+        const uint8_t *p = si->bytes + off + 8;
+        assert_int_equal(le32(si->bytes + off + 4), crc32c_ref(0, p, len));
+        assert_int_equal(p[0], 0x99);
+        assert_int_equal(p[1], 0xcf);
+        assert_int_equal(p[10], 0xc4);
+        assert_int_equal(p[11], 0x20);
+        assert_true(si->nrec < MAX_RECS);
+        si->recs[si->nrec] = (rec_pos){off, len, be64(p + 2)};
+        assert_int_equal(si->recs[si->nrec].seq, first + si->nrec);
+        si->nrec++;
+        off += 8 + len;
+    }
+}
+
+static void seg_free(seg_info *si)
+{
+    free(si->bytes);
+    si->bytes = NULL;
+}
+
+/* ---- replay collector --------------------------------------------------- */
+
+typedef struct seen {
+    uint64_t next;              /* seq expected next */
+    uint64_t count;
+    bool hashes;                /* replayed with_hashes */
+    uint8_t last_hash[KL_HASH_LEN];
+    bool have_last;
+    uint64_t stop_at;           /* return 99 at this seq (0: never) */
+} seen;
+
+static int on_record(uint64_t seq, const uint8_t *payload, size_t len,
+                     const uint8_t hash[KL_HASH_LEN], void *arg)
+{
+    seen *s = arg;
+    assert_int_equal(seq, s->next);
+    uint8_t body[MAX_BODY];
+    size_t bl = body_for(seq, body);
+    assert_int_equal(len, PREFIX + bl);
+    assert_int_equal(payload[0], 0x99);
+    assert_int_equal(payload[1], 0xcf);
+    assert_int_equal(be64(payload + 2), seq);
+    assert_int_equal(payload[10], 0xc4);
+    assert_int_equal(payload[11], 0x20);
+    assert_memory_equal(payload + PREFIX, body, bl);
+    static const uint8_t zero[KL_HASH_LEN];
+    if (seq == 1)
+        assert_memory_equal(payload + 12, zero, KL_HASH_LEN);
+    else if (s->have_last)
+        assert_memory_equal(payload + 12, s->last_hash, KL_HASH_LEN);
+    uint8_t h[KL_HASH_LEN];
+    SHA256(payload, len, h);
+    if (s->hashes) {
+        assert_non_null(hash);
+        assert_memory_equal(hash, h, KL_HASH_LEN);
+    } else {
+        assert_null(hash);
+    }
+    memcpy(s->last_hash, h, KL_HASH_LEN);
+    s->have_last = true;
+    s->next++;
+    s->count++;
+    return seq == s->stop_at ? 99 : 0;
+}
+
+static void replay_all(kl_log *log, uint64_t from, bool hashes, uint64_t expect_n)
+{
+    seen s = {.next = from ? from : 1, .hashes = hashes};
+    kl_err err = {0};
+    int rc = kl_log_replay(log, from, hashes, on_record, &s, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_replay: %d %s", rc, err.msg);
+    assert_int_equal(s.count, expect_n);
+    if (expect_n > 0 && s.next - 1 == kl_log_head_seq(log)) {
+        uint8_t head[KL_HASH_LEN];
+        kl_log_head_hash(log, head);
+        assert_memory_equal(head, s.last_hash, KL_HASH_LEN);
+    }
+}
+
+static void verify_ok(const fx *f, uint64_t events)
+{
+    kl_log_verify_report rep;
+    kl_err err = {0};
+    int rc = kl_log_verify(f->dir, NULL, NULL, &rep, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_verify: %d %s", rc, err.msg);
+    assert_true(rep.ok);
+    assert_int_equal(rep.events, events);
+    assert_int_equal(rep.head_seq, events);
+    assert_int_equal(rep.torn_bytes, 0);
+}
+
+/* ---- CRC-32C ------------------------------------------------------------ */
+
+static void test_crc32c_vectors(void **state)
+{
+    (void)state;
+    const char *s = "123456789";
+    assert_int_equal(kl_crc32c(0, s, 9), 0xE3069283u);
+    assert_int_equal(kl_crc32c_portable(0, s, 9), 0xE3069283u);
+    assert_int_equal(crc32c_ref(0, (const uint8_t *)s, 9), 0xE3069283u);
+    assert_int_equal(kl_crc32c(0, "", 0), 0);
+    assert_int_equal(kl_crc32c(0, "a", 1), 0xC1D04330u);
+
+    /* The RFC 3720 (iSCSI) vectors. */
+    uint8_t buf[32];
+    memset(buf, 0, sizeof buf);
+    assert_int_equal(kl_crc32c(0, buf, 32), 0x8A9136AAu);
+    assert_int_equal(kl_crc32c_portable(0, buf, 32), 0x8A9136AAu);
+    memset(buf, 0xff, sizeof buf);
+    assert_int_equal(kl_crc32c(0, buf, 32), 0x62A8AB43u);
+    assert_int_equal(kl_crc32c_portable(0, buf, 32), 0x62A8AB43u);
+    for (int i = 0; i < 32; i++)
+        buf[i] = (uint8_t)i;
+    assert_int_equal(kl_crc32c(0, buf, 32), 0x46DD794Eu);
+    assert_int_equal(kl_crc32c_portable(0, buf, 32), 0x46DD794Eu);
+    for (int i = 0; i < 32; i++)
+        buf[i] = (uint8_t)(31 - i);
+    assert_int_equal(kl_crc32c(0, buf, 32), 0x113FDB5Cu);
+    assert_int_equal(kl_crc32c_portable(0, buf, 32), 0x113FDB5Cu);
+
+    /* The first argument continues a running CRC. */
+    assert_int_equal(kl_crc32c(kl_crc32c(0, s, 4), s + 4, 5), 0xE3069283u);
+    assert_int_equal(kl_crc32c_portable(kl_crc32c_portable(0, s, 1), s + 1, 8),
+                     0xE3069283u);
+}
+
+static uint64_t xorshift(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static void test_crc32c_paths_agree(void **state)
+{
+    (void)state;
+    enum { N = 9000 };
+    uint8_t *buf = malloc(N + 16);
+    assert_non_null(buf);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < N + 16; i++)
+        buf[i] = (uint8_t)xorshift(&x);
+    /* Every length up to 300 at every alignment 0..7, then longer ones. */
+    for (size_t len = 0; len <= 300; len++) {
+        for (size_t a = 0; a < 8; a++) {
+            uint32_t hw = kl_crc32c(0, buf + a, len);
+            assert_int_equal(hw, kl_crc32c_portable(0, buf + a, len));
+            assert_int_equal(hw, crc32c_ref(0, buf + a, len));
+        }
+    }
+    for (size_t len = 301; len <= N; len += 1 + (size_t)(xorshift(&x) % 97)) {
+        uint32_t seed = (uint32_t)xorshift(&x);
+        size_t a = (size_t)(xorshift(&x) % 16);
+        uint32_t hw = kl_crc32c(seed, buf + a, len);
+        assert_int_equal(hw, kl_crc32c_portable(seed, buf + a, len));
+        assert_int_equal(hw, crc32c_ref(seed, buf + a, len));
+    }
+    free(buf);
+}
+
+/* ---- writing and reading back ------------------------------------------ */
+
+static void test_empty_log(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 0);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(kl_log_head_seq(log), 0);
+    uint8_t h[KL_HASH_LEN], zero[KL_HASH_LEN] = {0};
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, zero, KL_HASH_LEN);
+    replay_all(log, 1, true, 0);
+    kl_log_close(log);
+    kl_log_close(NULL);
+
+    char path[600];
+    path_of(f, "MANIFEST", path);
+    size_t n;
+    char *m = (char *)read_all(path, &n);
+    m[n] = '\0';
+    assert_string_equal(m, "keyledger-manifest 1\nfirst 00000000000000000001.log\n"
+                           "last 00000000000000000001.log\n");
+    free(m);
+    path_of(f, "00000000000000000001.log", path);
+    assert_int_equal(file_size(path), HEADER);
+    verify_ok(f, 0);
+}
+
+static void test_write_reopen_replay(void **state)
+{
+    fx *f = *state;
+    f->cfg.fsync = KL_FSYNC_ALWAYS;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 1, 1);
+    append_records(log, 5, 5);
+    append_records(log, 10, 10);
+    assert_int_equal(kl_log_head_seq(log), 16);
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    /* Records written are readable before a reopen. */
+    replay_all(log, 1, false, 16);
+    replay_all(log, 1, true, 16);
+    kl_log_close(log);
+
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 16);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_string_equal(rec.torn_segment, "");
+    assert_int_equal(kl_log_head_seq(log), 16);
+    uint8_t head2[KL_HASH_LEN];
+    kl_log_head_hash(log, head2);
+    assert_memory_equal(head, head2, KL_HASH_LEN);
+    replay_all(log, 1, false, 16);
+    replay_all(log, 1, true, 16);
+    replay_all(log, 10, false, 7);
+    replay_all(log, 16, true, 1);
+    replay_all(log, 17, true, 0);
+
+    /* A non-zero return stops the walk and comes back as the result. */
+    seen s = {.next = 1, .stop_at = 3};
+    kl_err err = {0};
+    assert_int_equal(kl_log_replay(log, 1, false, on_record, &s, &err), 99);
+    assert_int_equal(s.count, 3);
+
+    /* The chain continues across the reopen. */
+    append_records(log, 4, 2);
+    kl_log_close(log);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 20);
+    replay_all(log, 1, true, 20);
+    kl_log_close(log);
+
+    /* The file is exactly the header plus the framed records. */
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, 1, si);
+    assert_int_equal(si->nrec, 20);
+    uint64_t expect = HEADER;
+    for (uint64_t seq = 1; seq <= 20; seq++)
+        expect += 8 + PREFIX + body_len(seq);
+    assert_int_equal(si->size, expect);
+    uint8_t zero[KL_HASH_LEN] = {0};
+    assert_memory_equal(si->carried, zero, KL_HASH_LEN);
+    seg_free(si);
+    free(si);
+    verify_ok(f, 20);
+}
+
+static void test_frame_rejects_oversized(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    size_t big = (1u << 20) - PREFIX + 1;
+    uint8_t *body = calloc(1, big);
+    assert_non_null(body);
+    kl_buf b = {0};
+    uint64_t seq = 0;
+    assert_int_equal(kl_log_frame(log, body, big, &b, &seq), KL_EINVAL);
+    assert_int_equal(b.len, 0);
+    assert_int_equal(kl_log_head_seq(log), 0);
+    /* The largest record allowed goes through and reads back. */
+    assert_int_equal(kl_log_frame(log, body, big - 1, &b, &seq), KL_OK);
+    assert_int_equal(seq, 1);
+    kl_log_mark m = {0};
+    kl_err err = {0};
+    assert_int_equal(kl_log_write(log, &b, &m, &err), KL_OK);
+    kl_buf_free(&b);
+    free(body);
+    kl_log_close(log);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 1);
+    assert_int_equal(rec.torn_bytes, 0);
+    kl_log_close(log);
+}
+
+/* ---- segments ----------------------------------------------------------- */
+
+/* Writes n records into 4 KiB segments in batches of 4; returns segments. */
+static size_t make_segmented(fx *f, uint64_t n, uint64_t *firsts, size_t max)
+{
+    f->cfg.segment_bytes = 4096;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, n, 4);
+    kl_log_close(log);
+    return list_segments(f, firsts, max);
+}
+
+static void test_segment_roll(void **state)
+{
+    fx *f = *state;
+    uint64_t firsts[64];
+    size_t nseg = make_segmented(f, 300, firsts, 64);
+    assert_true(nseg >= 5);
+    assert_int_equal(firsts[0], 1);
+
+    /* Segments are contiguous, each carries the hash of the record before
+     * it, and each holds whole batches up to the first one past 4 KiB. */
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    uint64_t next = 1;
+    uint8_t prev_hash[KL_HASH_LEN] = {0};
+    for (size_t i = 0; i < nseg; i++) {
+        seg_read(f, firsts[i], si);
+        assert_int_equal(si->first_seq, next);
+        assert_memory_equal(si->carried, prev_hash, KL_HASH_LEN);
+        assert_true(si->nrec > 0);
+        assert_int_equal(si->nrec % 4 == 0 || i + 1 == nseg, true);
+        if (i + 1 < nseg) {
+            assert_true(si->size >= 4096);
+            /* It rolled at the first batch that found it full. */
+            rec_pos *r = &si->recs[si->nrec - 4];
+            assert_true(r->off < 4096);
+        }
+        rec_pos *last = &si->recs[si->nrec - 1];
+        SHA256(si->bytes + last->off + 8, last->len, prev_hash);
+        next += si->nrec;
+        seg_free(si);
+    }
+    free(si);
+    assert_int_equal(next, 301);
+
+    char path[600], want[200], a[32], b[32];
+    path_of(f, "MANIFEST", path);
+    size_t n;
+    char *m = (char *)read_all(path, &n);
+    m[n] = '\0';
+    seg_name(1, a);
+    seg_name(firsts[nseg - 1], b);
+    snprintf(want, sizeof want, "keyledger-manifest 1\nfirst %s\nlast %s\n", a, b);
+    assert_string_equal(m, want);
+    free(m);
+
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 300);
+    assert_int_equal(kl_log_head_seq(log), 300);
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    assert_memory_equal(head, prev_hash, KL_HASH_LEN);
+    replay_all(log, 1, false, 300);
+    replay_all(log, 1, true, 300);
+    /* Starting inside a later segment skips the ones before. */
+    replay_all(log, firsts[2] + 1, true, 300 - firsts[2]);
+    replay_all(log, firsts[nseg - 1], false, 301 - firsts[nseg - 1]);
+    kl_log_close(log);
+
+    kl_log_verify_report rep;
+    kl_err err = {0};
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_OK);
+    assert_true(rep.ok);
+    assert_int_equal(rep.events, 300);
+    assert_int_equal(rep.head_seq, 300);
+    assert_memory_equal(rep.head_hash, prev_hash, KL_HASH_LEN);
+}
+
+/* A check callback sees every record and can stop verify as damage. */
+static int count_check(uint64_t seq, const uint8_t *payload, size_t len,
+                       const uint8_t hash[KL_HASH_LEN], void *arg)
+{
+    uint64_t *n = arg;
+    (*n)++;
+    return seq == 7 ? KL_ECORRUPT : 0;
+}
+
+static void test_verify_check_callback(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 10, 3);
+    kl_log_close(log);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, 1, si);
+    uint64_t n = 0;
+    kl_log_verify_report rep;
+    kl_err err;
+    memset(&err, 0xaa, sizeof err);     /* callers need not clear it */
+    assert_int_equal(kl_log_verify(f->dir, count_check, &n, &rep, &err),
+                     KL_ECORRUPT);
+    assert_int_equal(n, 7);
+    assert_false(rep.ok);
+    assert_int_equal(rep.events, 6);
+    assert_int_equal(rep.head_seq, 6);
+    /* The report says where the walk stopped; the message is the check's
+     * to give, so the log adds none. */
+    assert_string_equal(rep.segment, "00000000000000000001.log");
+    assert_int_equal(rep.offset, si->recs[6].off);
+    assert_string_equal(rep.problem, "");
+    seg_free(si);
+    free(si);
+}
+
+/* ---- recovery ----------------------------------------------------------- */
+
+static void test_torn_tail_every_offset(void **state)
+{
+    fx *f = *state;
+    uint64_t firsts[64];
+    size_t nseg = make_segmented(f, 120, firsts, 64);
+    assert_true(nseg >= 2);
+    char name[32], path[600];
+    seg_name(firsts[nseg - 1], name);
+    path_of(f, name, path);
+
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, firsts[nseg - 1], si);
+    assert_true(si->nrec >= 2);
+    rec_pos last = si->recs[si->nrec - 1];
+    assert_int_equal(last.seq, 120);
+    assert_int_equal(last.off + 8 + last.len, si->size);
+    rec_pos before = si->recs[si->nrec - 2];
+    uint8_t h119[KL_HASH_LEN];
+    SHA256(si->bytes + before.off + 8, before.len, h119);
+
+    for (uint64_t cut = last.off + 1; cut < si->size; cut++) {
+        write_all_file(path, si->bytes, cut);
+        kl_log_recovery rec;
+        kl_log *log = open_ok(f, &rec);
+        assert_int_equal(rec.records, 119);
+        assert_int_equal(rec.torn_bytes, cut - last.off);
+        assert_int_equal(rec.torn_offset, last.off);
+        assert_string_equal(rec.torn_segment, name);
+        assert_int_equal(file_size(path), last.off);
+        assert_int_equal(kl_log_head_seq(log), 119);
+        uint8_t h[KL_HASH_LEN];
+        kl_log_head_hash(log, h);
+        assert_memory_equal(h, h119, KL_HASH_LEN);
+
+        /* Writing again continues the chain: seq 120 comes out with the
+         * same bytes it had before the cut. */
+        append_records(log, 1, 1);
+        kl_log_close(log);
+        size_t n;
+        uint8_t *now = read_all(path, &n);
+        assert_int_equal(n, si->size);
+        assert_memory_equal(now, si->bytes, n);
+        free(now);
+        verify_ok(f, 120);
+    }
+    seg_free(si);
+    free(si);
+}
+
+/* The last segment may hold a single record that is torn: it becomes an
+ * empty segment and the next write goes into it. */
+static void test_torn_only_record_of_last_segment(void **state)
+{
+    fx *f = *state;
+    f->cfg.segment_bytes = 4096;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    /* One record at a time: the record that rolls is alone in the new
+     * segment. */
+    uint64_t firsts[8];
+    while (list_segments(f, firsts, 8) < 2)
+        append_records(log, 1, 1);
+    kl_log_close(log);
+    size_t nseg = list_segments(f, firsts, 8);
+    assert_int_equal(nseg, 2);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, firsts[1], si);
+    assert_int_equal(si->nrec, 1);
+    char name[32], path[600];
+    seg_name(firsts[1], name);
+    path_of(f, name, path);
+    uint64_t total = firsts[1];
+
+    write_all_file(path, si->bytes, si->size - 3);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, total - 1);
+    assert_int_equal(rec.torn_bytes, si->size - 3 - HEADER);
+    assert_int_equal(rec.torn_offset, HEADER);
+    assert_int_equal(file_size(path), HEADER);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, si->carried, KL_HASH_LEN);
+    append_records(log, 1, 1);
+    kl_log_close(log);
+    size_t n;
+    uint8_t *now = read_all(path, &n);
+    assert_int_equal(n, si->size);
+    assert_memory_equal(now, si->bytes, n);
+    free(now);
+    seg_free(si);
+    free(si);
+    verify_ok(f, total);
+}
+
+static void test_garbage_after_last_record(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 9, 3);
+    kl_log_close(log);
+    char path[600];
+    path_of(f, "00000000000000000001.log", path);
+    uint64_t good = file_size(path);
+
+    uint8_t junk[4096];
+    uint64_t x = 12345;
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (uint8_t)xorshift(&x);
+
+    /* Read-only: reported, not cut. */
+    append_file(path, junk, 1000);
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&log, &ro, &rec, &err), KL_OK);
+    assert_int_equal(rec.records, 9);
+    assert_int_equal(rec.torn_bytes, 1000);
+    assert_int_equal(rec.torn_offset, good);
+    replay_all(log, 1, true, 9);
+    kl_log_close(log);
+    assert_int_equal(file_size(path), good + 1000);
+    kl_log_verify_report rep;
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_OK);
+    assert_true(rep.ok);
+    assert_int_equal(rep.torn_bytes, 1000);
+    assert_int_equal(rep.events, 9);
+
+    /* Writable: cut. */
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 9);
+    assert_int_equal(rec.torn_bytes, 1000);
+    assert_int_equal(rec.torn_offset, good);
+    assert_string_equal(rec.torn_segment, "00000000000000000001.log");
+    assert_int_equal(file_size(path), good);
+    append_records(log, 2, 2);
+    kl_log_close(log);
+    verify_ok(f, 11);
+    good = file_size(path);
+
+    /* Zeros, as after a crash on a file system that extends first. */
+    memset(junk, 0, sizeof junk);
+    append_file(path, junk, sizeof junk);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 11);
+    assert_int_equal(rec.torn_bytes, sizeof junk);
+    assert_int_equal(file_size(path), good);
+    kl_log_close(log);
+
+    /* A record header whose length runs past the end. */
+    uint8_t hdr[8];
+    put_le32(hdr, 500);
+    put_le32(hdr + 4, 0);
+    append_file(path, hdr, sizeof hdr);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.torn_bytes, 8);
+    assert_int_equal(file_size(path), good);
+    kl_log_close(log);
+    verify_ok(f, 11);
+}
+
+static void expect_open_corrupt(fx *f, const char *seg, uint64_t off)
+{
+    kl_log *log = NULL;
+    kl_log_recovery rec;
+    kl_err err = {0};
+    int rc = kl_log_open(&log, &f->cfg, &rec, &err);
+    if (rc != KL_ECORRUPT)
+        fail_msg("open gave %d (%s), expected KL_ECORRUPT at %s:%llu", rc,
+                 err.msg, seg, (unsigned long long)off);
+    assert_null(log);
+    assert_string_equal(err.segment, seg);
+    assert_int_equal(err.offset, off);
+    assert_non_null(strstr(err.msg, seg));
+}
+
+static void test_damage_in_last_segment(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 6, 2);
+    kl_log_close(log);
+    const char *name = "00000000000000000001.log";
+    char path[600];
+    path_of(f, name, path);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, 1, si);
+    assert_int_equal(si->nrec, 6);
+    rec_pos r3 = si->recs[2];
+
+    uint8_t *copy = malloc(si->size);
+    assert_non_null(copy);
+    for (uint64_t b = r3.off; b < r3.off + 8 + r3.len; b++) {
+        memcpy(copy, si->bytes, si->size);
+        copy[b] ^= 0xff;
+        write_all_file(path, copy, si->size);
+        expect_open_corrupt(f, name, r3.off);
+        /* Damage is never cut away. */
+        size_t n;
+        uint8_t *now = read_all(path, &n);
+        assert_int_equal(n, si->size);
+        assert_memory_equal(now, copy, n);
+        free(now);
+    }
+    /* Read-only opens and verify refuse it too. */
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&log, &ro, &rec, &err), KL_ECORRUPT);
+    kl_log_verify_report rep;
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_ECORRUPT);
+    assert_false(rep.ok);
+    assert_string_equal(rep.segment, name);
+    assert_int_equal(rep.offset, r3.off);
+    assert_true(rep.problem[0] != '\0');
+
+    /* A record with a seq out of order, its CRC fixed, is damage too. */
+    memcpy(copy, si->bytes, si->size);
+    copy[r3.off + 8 + 9] ^= 0x01;   /* low byte of the big-endian seq */
+    put_le32(copy + r3.off + 4, crc32c_ref(0, copy + r3.off + 8, r3.len));
+    write_all_file(path, copy, si->size);
+    expect_open_corrupt(f, name, r3.off);
+
+    write_all_file(path, si->bytes, si->size);
+    verify_ok(f, 6);
+    free(copy);
+    seg_free(si);
+    free(si);
+}
+
+static void test_damage_in_earlier_segment(void **state)
+{
+    fx *f = *state;
+    uint64_t firsts[64];
+    size_t nseg = make_segmented(f, 200, firsts, 64);
+    assert_true(nseg >= 3);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    for (size_t s = 0; s + 1 < nseg; s++) {
+        char name[32], path[600];
+        seg_name(firsts[s], name);
+        path_of(f, name, path);
+        seg_read(f, firsts[s], si);
+        /* A middle record, and the last record of the segment: no valid
+         * record follows it in its file, but later segments do. */
+        size_t picks[2] = {si->nrec / 2, si->nrec - 1};
+        for (int k = 0; k < 2; k++) {
+            rec_pos r = si->recs[picks[k]];
+            si->bytes[r.off + 8 + PREFIX] ^= 0x5a;
+            write_all_file(path, si->bytes, si->size);
+            expect_open_corrupt(f, name, r.off);
+            si->bytes[r.off + 8 + PREFIX] ^= 0x5a;
+        }
+        /* Cut short: a torn tail is only allowed in the last segment. */
+        rec_pos r = si->recs[si->nrec - 1];
+        write_all_file(path, si->bytes, si->size - 1);
+        expect_open_corrupt(f, name, r.off);
+        assert_int_equal(file_size(path), si->size - 1);
+        /* A damaged header. */
+        si->bytes[20] ^= 0x01;
+        write_all_file(path, si->bytes, si->size);
+        kl_log *log = NULL;
+        kl_log_recovery rec;
+        kl_err err = {0};
+        assert_int_equal(kl_log_open(&log, &f->cfg, &rec, &err), KL_ECORRUPT);
+        assert_non_null(strstr(err.msg, name));
+        si->bytes[20] ^= 0x01;
+        write_all_file(path, si->bytes, si->size);
+        seg_free(si);
+    }
+    free(si);
+    verify_ok(f, 200);
+}
+
+static void test_missing_segment(void **state)
+{
+    fx *f = *state;
+    uint64_t firsts[64];
+    size_t nseg = make_segmented(f, 200, firsts, 64);
+    assert_true(nseg >= 3);
+    char name[32], next[32], path[600];
+    seg_name(firsts[1], name);
+    seg_name(firsts[2], next);
+    path_of(f, name, path);
+    size_t n;
+    uint8_t *saved = read_all(path, &n);
+
+    /* A middle one: the one after it starts at the wrong seq. */
+    assert_int_equal(unlink(path), 0);
+    expect_open_corrupt(f, next, 0);
+    kl_log_verify_report rep;
+    kl_err err = {0};
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_ECORRUPT);
+    assert_false(rep.ok);
+    write_all_file(path, saved, n);
+    free(saved);
+
+    /* The first and the last (both named in MANIFEST). */
+    for (int k = 0; k < 2; k++) {
+        seg_name(k == 0 ? firsts[0] : firsts[nseg - 1], name);
+        path_of(f, name, path);
+        saved = read_all(path, &n);
+        assert_int_equal(unlink(path), 0);
+        kl_log *log = NULL;
+        kl_log_recovery rec;
+        assert_int_equal(kl_log_open(&log, &f->cfg, &rec, &err), KL_ECORRUPT);
+        assert_non_null(strstr(err.msg, name));
+        write_all_file(path, saved, n);
+        free(saved);
+    }
+    verify_ok(f, 200);
+}
+
+static void test_lock_and_create(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    kl_log *second = NULL;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&second, &f->cfg, &rec, &err), KL_ELOCKED);
+    assert_null(second);
+    char pid[32];
+    snprintf(pid, sizeof pid, "pid %ld", (long)getpid());
+    assert_non_null(strstr(err.msg, pid));
+
+    /* Readers need no lock. */
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    assert_int_equal(kl_log_open(&second, &ro, &rec, &err), KL_OK);
+    kl_log_close(second);
+
+    assert_int_equal(kl_log_create(&f->cfg, &err), KL_EEXIST);
+    kl_log_close(log);
+    assert_int_equal(kl_log_create(&f->cfg, &err), KL_EEXIST);
+
+    /* The lock goes with the close. */
+    log = open_ok(f, &rec);
+    kl_log_close(log);
+
+    /* No log at all. */
+    char empty[600];
+    path_of(f, "empty", empty);
+    assert_int_equal(mkdir(empty, 0700), 0);
+    kl_log_config c = f->cfg;
+    c.dir = empty;
+    second = NULL;
+    assert_int_equal(kl_log_open(&second, &c, &rec, &err), KL_ENOENT);
+    assert_null(second);
+    /* A segment without a MANIFEST still counts as an existing log. */
+    char seg[600];
+    path_of(f, "empty/00000000000000000001.log", seg);
+    write_all_file(seg, "x", 1);
+    assert_int_equal(kl_log_create(&c, &err), KL_EEXIST);
+}
+
+static int count_records(uint64_t seq, const uint8_t *payload, size_t len,
+                         const uint8_t hash[KL_HASH_LEN], void *arg)
+{
+    uint64_t *n = arg;
+    (*n)++;
+    return seq == *n ? 0 : -1;
+}
+
+/* Tampering that keeps the framing valid: only the chain can see it. */
+static void test_verify_detects_chain_tamper(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 8, 4);
+    kl_log_close(log);
+    const char *name = "00000000000000000001.log";
+    char path[600];
+    path_of(f, name, path);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, 1, si);
+    rec_pos r4 = si->recs[3], r5 = si->recs[4];
+    uint8_t *copy = malloc(si->size);
+    assert_non_null(copy);
+
+    /* (1) record 4's prev altered, its CRC recomputed. */
+    memcpy(copy, si->bytes, si->size);
+    copy[r4.off + 8 + 12 + 5] ^= 0x80;
+    put_le32(copy + r4.off + 4, crc32c_ref(0, copy + r4.off + 8, r4.len));
+    write_all_file(path, copy, si->size);
+
+    log = open_ok(f, &rec);             /* framing is fine */
+    assert_int_equal(rec.records, 8);
+    assert_int_equal(rec.torn_bytes, 0);
+    /* Startup replay does not look at the chain. */
+    uint64_t n = 0;
+    kl_err err = {0};
+    assert_int_equal(kl_log_replay(log, 1, false, count_records, &n, &err), KL_OK);
+    assert_int_equal(n, 8);
+    seen s = {.next = 1, .hashes = true};
+    assert_int_equal(kl_log_replay(log, 1, true, on_record, &s, &err), KL_ECORRUPT);
+    assert_int_equal(s.count, 3);
+    assert_string_equal(err.segment, name);
+    assert_int_equal(err.offset, r4.off);
+    kl_log_close(log);
+
+    kl_log_verify_report rep;
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_ECORRUPT);
+    assert_false(rep.ok);
+    assert_int_equal(rep.events, 3);
+    assert_string_equal(rep.segment, name);
+    assert_int_equal(rep.offset, r4.off);
+    assert_non_null(strstr(rep.problem, "prev"));
+
+    /* (2) record 4's body altered, its CRC recomputed: record 5's prev no
+     * longer matches. */
+    memcpy(copy, si->bytes, si->size);
+    copy[r4.off + 8 + PREFIX] ^= 0x01;
+    put_le32(copy + r4.off + 4, crc32c_ref(0, copy + r4.off + 8, r4.len));
+    write_all_file(path, copy, si->size);
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_ECORRUPT);
+    assert_int_equal(rep.events, 4);
+    assert_string_equal(rep.segment, name);
+    assert_int_equal(rep.offset, r5.off);
+
+    /* (3) the first record's prev altered: open already checks that one
+     * against the segment header. */
+    memcpy(copy, si->bytes, si->size);
+    copy[HEADER + 8 + 12] ^= 0x01;
+    put_le32(copy + HEADER + 4, crc32c_ref(0, copy + HEADER + 8, si->recs[0].len));
+    write_all_file(path, copy, si->size);
+    expect_open_corrupt(f, name, HEADER);
+
+    write_all_file(path, si->bytes, si->size);
+    verify_ok(f, 8);
+    free(copy);
+    seg_free(si);
+    free(si);
+}
+
+/* ---- mark, rewind and failed writes ------------------------------------ */
+
+static void test_rewind(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 2, 2);
+    uint8_t h2[KL_HASH_LEN];
+    kl_log_head_hash(log, h2);
+
+    kl_log_mark m;
+    kl_log_mark_get(log, &m);
+    assert_int_equal(m.seq, 2);
+    assert_memory_equal(m.hash, h2, KL_HASH_LEN);
+
+    /* Frame three records with bodies that are not the pattern, forget
+     * them, and frame the real ones in their place. */
+    kl_buf b = {0};
+    uint64_t seq;
+    uint8_t junk[10] = {0};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(kl_log_frame(log, junk, sizeof junk, &b, &seq), KL_OK);
+        assert_int_equal(seq, 3 + (uint64_t)i);
+    }
+    uint8_t moved[KL_HASH_LEN];
+    kl_log_head_hash(log, moved);
+    assert_memory_not_equal(moved, h2, KL_HASH_LEN);
+    kl_log_rewind(log, &m);
+    assert_int_equal(kl_log_head_seq(log), 2);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, h2, KL_HASH_LEN);
+    kl_buf_free(&b);
+
+    for (uint64_t i = 3; i <= 5; i++) {
+        uint8_t body[MAX_BODY];
+        size_t bl = body_for(i, body);
+        assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+        assert_int_equal(seq, i);
+    }
+    kl_err err = {0};
+    assert_int_equal(kl_log_write(log, &b, &m, &err), KL_OK);
+    kl_buf_free(&b);
+    assert_int_equal(kl_log_head_seq(log), 5);
+    replay_all(log, 1, true, 5);
+    kl_log_close(log);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 5);
+    replay_all(log, 1, true, 5);
+    kl_log_close(log);
+    verify_ok(f, 5);
+}
+
+/* A write the file system refuses: the file is cut back to the batch's
+ * start, the head rewinds, and the next batch reuses the seqs. RLIMIT_FSIZE
+ * makes pwrite fail for real (EFBIG) part way through the batch. */
+static void test_failed_write_rewinds(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 3, 3);
+    char path[600];
+    path_of(f, "00000000000000000001.log", path);
+    uint64_t before = file_size(path);
+    uint8_t h3[KL_HASH_LEN];
+    kl_log_head_hash(log, h3);
+
+    kl_log_mark m;
+    kl_log_mark_get(log, &m);
+    kl_buf b = {0};
+    for (uint64_t i = 4; i <= 13; i++) {
+        uint8_t body[MAX_BODY];
+        size_t bl = body_for(i, body);
+        uint64_t seq;
+        assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+    }
+    assert_int_equal(kl_log_head_seq(log), 13);
+    assert_true(b.len > 200);
+
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    void (*prev_handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    lim = old;
+    lim.rlim_cur = (rlim_t)(before + 100);  /* part of the batch fits */
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    kl_err err = {0};
+    int rc = kl_log_write(log, &b, &m, &err);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev_handler);
+
+    assert_int_equal(rc, KL_EIO);
+    assert_true(err.msg[0] != '\0');
+    assert_int_equal(file_size(path), before);
+    assert_int_equal(kl_log_head_seq(log), 3);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, h3, KL_HASH_LEN);
+    assert_false(kl_log_is_read_only(log));
+    kl_buf_free(&b);
+
+    append_records(log, 5, 5);
+    assert_int_equal(kl_log_head_seq(log), 8);
+    replay_all(log, 1, true, 8);
+    kl_log_close(log);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 8);
+    assert_int_equal(rec.torn_bytes, 0);
+    kl_log_close(log);
+    verify_ok(f, 8);
+}
+
+static void test_sync(void **state)
+{
+    fx *f = *state;
+    f->cfg.fsync = KL_FSYNC_BATCH;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 4, 2);
+    kl_err err = {0};
+    assert_int_equal(kl_log_sync(log, &err), KL_OK);
+    assert_false(kl_log_is_read_only(log));
+    kl_log_close(log);
+    verify_ok(f, 4);
+}
+
+int main(void)
+{
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_crc32c_vectors),
+        cmocka_unit_test(test_crc32c_paths_agree),
+        T(test_empty_log),
+        T(test_write_reopen_replay),
+        T(test_frame_rejects_oversized),
+        T(test_segment_roll),
+        T(test_verify_check_callback),
+        T(test_torn_tail_every_offset),
+        T(test_torn_only_record_of_last_segment),
+        T(test_garbage_after_last_record),
+        T(test_damage_in_last_segment),
+        T(test_damage_in_earlier_segment),
+        T(test_missing_segment),
+        T(test_lock_and_create),
+        T(test_verify_detects_chain_tamper),
+        T(test_rewind),
+        T(test_failed_write_rewinds),
+        T(test_sync),
+    };
+#undef T
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
