@@ -455,6 +455,83 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
     return 0;
 }
 
+/*
+ * msgpack-c allocates room for a container's declared element count before
+ * reading the elements, so 5 bytes can ask for gigabytes. This walk checks
+ * first that the payload is one well-formed value, no deeper than 8, whose
+ * every count fits in the bytes that remain (each element takes at least
+ * one byte).
+ */
+static bool well_formed(const uint8_t *p, size_t len)
+{
+    enum { MAX_DEPTH = 8 };
+    uint64_t left[MAX_DEPTH + 1];   /* values still to read at each depth */
+    int depth = 0;
+    left[0] = 1;
+    size_t i = 0;
+    while (depth >= 0) {
+        if (left[depth] == 0) {
+            depth--;
+            continue;
+        }
+        left[depth]--;
+        if (i >= len)
+            return false;
+        uint8_t b = p[i++];
+        uint64_t skip = 0, items = 0;
+        size_t need = 0;            /* bytes of the length that follows */
+        bool container = false, map = false;
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+            /* fixint, nil, bool */
+        } else if (b >= 0xa0 && b <= 0xbf) {
+            skip = b & 0x1f;
+        } else if (b >= 0x90 && b <= 0x9f) {
+            items = b & 0x0f;
+            container = true;
+        } else if (b >= 0x80 && b <= 0x8f) {
+            items = b & 0x0f;
+            container = map = true;
+        } else {
+            switch (b) {
+            case 0xcc: case 0xd0: skip = 1; break;
+            case 0xcd: case 0xd1: skip = 2; break;
+            case 0xca: case 0xce: case 0xd2: skip = 4; break;
+            case 0xcb: case 0xcf: case 0xd3: skip = 8; break;
+            case 0xc4: case 0xd9: need = 1; break;
+            case 0xc5: case 0xda: need = 2; break;
+            case 0xc6: case 0xdb: need = 4; break;
+            case 0xdc: need = 2; container = true; break;
+            case 0xdd: need = 4; container = true; break;
+            case 0xde: need = 2; container = map = true; break;
+            case 0xdf: need = 4; container = map = true; break;
+            default: return false;  /* ext types and the unused byte */
+            }
+            if (need != 0) {
+                if (len - i < need)
+                    return false;
+                uint64_t n = 0;
+                for (size_t k = 0; k < need; k++)
+                    n = n << 8 | p[i + k];
+                i += need;
+                if (container)
+                    items = n;
+                else
+                    skip = n;
+            }
+        }
+        if (skip > len - i)
+            return false;
+        i += skip;
+        if (container) {
+            uint64_t values = map ? items * 2 : items;
+            if (values > len - i || depth == MAX_DEPTH)
+                return false;
+            left[++depth] = values;
+        }
+    }
+    return i == len;
+}
+
 int kl_event_decode(const uint8_t *payload, size_t len, kl_record_head *head,
                     kl_event *ev, kl_err *err)
 {
@@ -462,6 +539,10 @@ int kl_event_decode(const uint8_t *payload, size_t len, kl_record_head *head,
     size_t off = 0;
     int rc = KL_ECORRUPT;
     memset(ev, 0, sizeof *ev);
+    if (!well_formed(payload, len)) {
+        kl_err_set(err, "payload is not one well-formed msgpack value");
+        return KL_ECORRUPT;
+    }
     msgpack_unpacked_init(&up);
 
     msgpack_unpack_return ur =
