@@ -255,11 +255,8 @@ static int apply_batch(kl_daemon *d, const kl_buf *batch)
         const uint8_t *r = (const uint8_t *)batch->data + off;
         uint32_t len = (uint32_t)r[0] | (uint32_t)r[1] << 8 |
                        (uint32_t)r[2] << 16 | (uint32_t)r[3] << 24;
-        kl_record_head head;
-        kl_event ev;
         kl_err err;
-        if (kl_event_decode(r + 8, len, &head, &ev, &err) != KL_OK ||
-            kl_proj_apply(d->proj, &ev, &err) != KL_OK) {
+        if (kl_proj_apply_record(d->proj, r + 8, len, &err) != KL_OK) {
             fatal_apply(d, &err);
             return -1;
         }

@@ -44,12 +44,7 @@ static int replay_record(uint64_t seq, const uint8_t *payload, size_t len,
                          const uint8_t *hash, void *arg)
 {
     replay_job *job = arg;
-    kl_record_head head;
-    kl_event ev;
-    int rc = kl_event_decode(payload, len, &head, &ev, &job->err);
-    if (rc == KL_OK)
-        rc = kl_proj_apply(job->d->proj, &ev, &job->err);
-    return rc;
+    return kl_proj_apply_record(job->d->proj, payload, len, &job->err);
 }
 
 static void on_replay(uv_work_t *w)

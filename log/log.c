@@ -820,6 +820,17 @@ int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
     return KL_OK;
 }
 
+int kl_log_frame_event(kl_log *log, const kl_event *ev, kl_buf *batch)
+{
+    kl_buf body = {0};
+    uint64_t seq;
+    int rc = kl_event_encode(ev, &body);
+    if (rc == KL_OK)
+        rc = kl_log_frame(log, (const uint8_t *)body.data, body.len, batch, &seq);
+    kl_buf_free(&body);
+    return rc;
+}
+
 static int roll(kl_log *log, const kl_log_mark *start, kl_err *err)
 {
     uint64_t first = start->seq + 1;

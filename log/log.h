@@ -371,6 +371,9 @@ typedef struct kl_log_mark {
 void kl_log_mark_get(const kl_log *log, kl_log_mark *m);
 int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
                  kl_buf *batch, uint64_t *seq_out);
+/* kl_event_encode + kl_log_frame, for writers that hold the event whole
+ * (the tools). */
+int kl_log_frame_event(kl_log *log, const kl_event *ev, kl_buf *batch);
 int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
                  kl_err *err);
 /* Forget records framed since `m` without writing them. */

@@ -588,6 +588,15 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     return rc;
 }
 
+int kl_proj_apply_record(kl_proj *p, const uint8_t *payload, size_t len,
+                         kl_err *err)
+{
+    kl_record_head head;
+    kl_event ev;
+    int rc = kl_event_decode(payload, len, &head, &ev, err);
+    return rc == KL_OK ? kl_proj_apply(p, &ev, err) : rc;
+}
+
 /* ---- queries ---------------------------------------------------------- */
 
 uint64_t kl_proj_seq(const kl_proj *p) { return p->seq; }

@@ -116,6 +116,11 @@ void kl_proj_free(kl_proj *p);
  */
 int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err);
 
+/* Decode one record payload (kl_event_decode) and apply it: what startup
+ * replay, the daemon's writes and the tools all do with a record. */
+int kl_proj_apply_record(kl_proj *p, const uint8_t *payload, size_t len,
+                         kl_err *err);
+
 uint64_t kl_proj_seq(const kl_proj *p);   /* last applied seq */
 
 kl_org *kl_proj_org(const kl_proj *p, const kl_id *id);

@@ -59,17 +59,6 @@ static bool email_ok(const char *e)
            strpbrk(e, " \t\r\n") == NULL;
 }
 
-static int append(kl_log *log, kl_buf *batch, const kl_event *ev)
-{
-    kl_buf body = {0};
-    uint64_t seq;
-    int rc = kl_event_encode(ev, &body);
-    if (rc == KL_OK)
-        rc = kl_log_frame(log, (const uint8_t *)body.data, body.len, batch, &seq);
-    kl_buf_free(&body);
-    return rc;
-}
-
 static int create_org(const org_args *a, bool fresh)
 {
     size_t org_len = strlen(a->org), name_len = a->name ? strlen(a->name) : 0;
@@ -117,7 +106,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.type = KL_EV_ORG_CREATED;
         ev.has = KL_F_NAME;
         ev.name = (kl_str){a->org, (uint32_t)org_len};
-        rc = append(log, &batch, &ev);
+        rc = kl_log_frame_event(log, &ev, &batch);
     }
     if (rc == KL_OK) {
         ev.type = KL_EV_USER_INVITED;
@@ -126,7 +115,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.email = (kl_str){a->email, (uint32_t)strlen(a->email)};
         ev.name = (kl_str){a->name, (uint32_t)name_len};
         ev.role = KL_ROLE_OWNER;
-        rc = append(log, &batch, &ev);
+        rc = kl_log_frame_event(log, &ev, &batch);
     }
     if (rc == KL_OK)
         rc = kl_secret_new("kl", KL_ENV_LIVE, &key, secret, ev.hash, display);
@@ -142,7 +131,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.prefix = (kl_str){display, KL_DISPLAY_PREFIX_LEN};
         ev.env = KL_ENV_LIVE;
         ev.access = KL_ACCESS_FULL;
-        rc = append(log, &batch, &ev);
+        rc = kl_log_frame_event(log, &ev, &batch);
     }
     if (rc == KL_OK)
         rc = kl_log_write(log, &batch, &mark, &err);

@@ -20,12 +20,7 @@ static int fold_record(uint64_t seq, const uint8_t *payload, size_t len,
                        const uint8_t *hash, void *arg)
 {
     fold *f = arg;
-    kl_record_head head;
-    kl_event ev;
-    int rc = kl_event_decode(payload, len, &head, &ev, &f->err);
-    if (rc == KL_OK)
-        rc = kl_proj_apply(f->proj, &ev, &f->err);
-    return rc;
+    return kl_proj_apply_record(f->proj, payload, len, &f->err);
 }
 
 int kl_tool_verify(int argc, char **argv)
