@@ -66,14 +66,16 @@ redis_load() {  # redis_load DIR -> "load_ms rss_kb"
 
 echo "generating $N events and an AOF of $N commands..."
 "$KL_BUILD/kl_genlog" "$BENCH_TMP/big" "$N"
-mkdir -p "$BENCH_TMP/redis-big"; make_aof "$BENCH_TMP/redis-big/appendonly.aof" "$N"
+make_aof "$BENCH_TMP/big.aof" "$N"
 
 klr=(); rdr=()
 for r in $(seq 1 "$ROUNDS"); do
   read -r kms ktotal _ <<<"$(kl_start "$BENCH_TMP/big")"
-  rm -rf "$BENCH_TMP/redis-big/appendonlydir"
+  # Redis 7 moves a legacy AOF into appendonlydir as it loads it: start
+  # every round from a fresh copy.
+  rm -rf "$BENCH_TMP/redis-big"; mkdir -p "$BENCH_TMP/redis-big"
+  cp "$BENCH_TMP/big.aof" "$BENCH_TMP/redis-big/appendonly.aof"
   read -r rms _ <<<"$(redis_load "$BENCH_TMP/redis-big")"
-  # Redis 7 converts the legacy AOF into appendonlydir on first load: put it back.
   klr+=("$(python3 -c "print($N/($kms/1000))")")
   rdr+=("$(python3 -c "print($N/($rms/1000) if $rms else 0)")")
   echo "round $r: keyledger replay ${kms} ms (start to ready ${ktotal} ms), redis AOF load ${rms} ms"
