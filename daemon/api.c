@@ -41,11 +41,6 @@ void kl_api_error(kl_http_request *req, int status, const char *code,
     kl_http_respond_error(req, status, code, message, field, headers);
 }
 
-void kl_api_no_content(kl_http_request *req)
-{
-    kl_http_respond(req, 204, NULL, NULL, NULL, 0);
-}
-
 static void bad_arg(kl_http_request *req, const char *field, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void bad_arg(kl_http_request *req, const char *field, const char *fmt, ...)
@@ -509,20 +504,6 @@ int kl_api_get_time(kl_http_request *req, json_t *obj, const char *key,
                 "2026-01-15T10:30:00.000Z", field);
         return -1;
     }
-    return 1;
-}
-
-int kl_api_get_bool(kl_http_request *req, json_t *obj, const char *key,
-                    const char *field, bool *out)
-{
-    json_t *v = json_object_get(obj, key);
-    if (v == NULL)
-        return 0;
-    if (!json_is_boolean(v)) {
-        bad_arg(req, field, "%s must be true or false", field);
-        return -1;
-    }
-    *out = json_is_true(v);
     return 1;
 }
 

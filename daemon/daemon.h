@@ -236,19 +236,16 @@ int kl_api_get_uint(kl_http_request *req, json_t *obj, const char *key,
                     const char *field, uint64_t min, uint64_t max, uint64_t *out);
 int kl_api_get_time(kl_http_request *req, json_t *obj, const char *key,
                     const char *field, int64_t *out);
-int kl_api_get_bool(kl_http_request *req, json_t *obj, const char *key,
-                    const char *field, bool *out);
 /* A nested object's keys must all be in `allowed` ("parent.key" named). */
 int kl_api_only_fields(kl_http_request *req, json_t *obj, const char *parent,
                        const char *const *allowed);
 void kl_api_bad_arg(kl_http_request *req, const char *field, const char *message);
 
-/* Answers: JSON body (dumped and freed), error, no content. */
+/* Answers: JSON body (dumped and freed), error. */
 void kl_api_json(kl_http_request *req, int status, json_t *body,
                  const char *headers);
 void kl_api_error(kl_http_request *req, int status, const char *code,
                   const char *message, const char *field);
-void kl_api_no_content(kl_http_request *req);
 
 int kl_api_page(kl_http_request *req, kl_id_kind kind, kl_page *pg);
 /* {"<name>": items, "next_cursor": last id or null} */
@@ -258,7 +255,6 @@ json_t *kl_api_page_body(const char *name, json_t *items, kl_id_kind kind,
 /* Rendering entities (render.c). */
 json_t *kl_render_key(const kl_key *k, int64_t now);
 json_t *kl_render_org(const kl_org *o);
-json_t *kl_render_user(const kl_user *u);
 json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
 json_t *kl_json_time(int64_t ms);
 json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */

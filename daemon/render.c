@@ -98,18 +98,3 @@ json_t *kl_render_org(const kl_org *org)
     json_object_set_new(o, "usage_limits", lim);
     return o;
 }
-
-json_t *kl_render_user(const kl_user *u)
-{
-    json_t *o = json_object();
-    json_object_set_new(o, "id", kl_json_id(KL_ID_USER, &u->id));
-    json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &u->org->id));
-    json_object_set_new(o, "email", json_string(u->email));
-    json_object_set_new(o, "name", json_string(u->name));
-    json_object_set_new(o, "role", json_string(kl_role_name(u->role)));
-    json_object_set_new(o, "status", json_string(u->removed ? "removed" : "active"));
-    json_object_set_new(o, "created_at", kl_json_time(u->created_at));
-    json_object_set_new(o, "updated_at", kl_json_time(u->updated_at));
-    json_object_set_new(o, "version", json_integer((json_int_t)u->version));
-    return o;
-}
