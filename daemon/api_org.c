@@ -17,8 +17,7 @@ void kl_h_readyz(kl_http_request *req)
                                 : d->commit != NULL ? kl_commit_unavailable(d->commit)
                                                     : NULL;
     if (why != NULL) {
-        kl_api_json(req, 503, json_pack("{s:s,s:s}", "status", "unavailable",
-                                        "reason", why), NULL);
+        kl_api_error(req, 503, "unavailable", why, NULL);   /* the error shape */
         return;
     }
     kl_api_json(req, 200, json_pack("{s:s,s:I}", "status", "ready", "seq",

@@ -899,8 +899,14 @@ int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
                    rc == KL_ENOSPC && e == 0 ? "short write" : strerror(e));
         goto rewind;
     }
-    if (log->cfg.fsync == KL_FSYNC_ALWAYS && (rc = kl_log_sync(log, err)) != KL_OK)
+    if (log->cfg.fsync == KL_FSYNC_ALWAYS && (rc = kl_log_sync(log, err)) != KL_OK) {
+        /* Best effort: take the unsynced batch back out of the file, so a
+         * write that was answered 503 does not reappear after a restart. */
+        if (ftruncate(log->fd, (off_t)tail->size) != 0)
+            KL_LOGF(log->cfg.logger, KL_ERROR, "cut back after failed fsync: %s",
+                    strerror(errno));
         goto rewind;
+    }
     tail->size += batch->len;
     return KL_OK;
 rewind:

@@ -332,8 +332,9 @@ class Daemon(object):
     files beside the data dir, or in log_dir."""
 
     def __init__(self, data, fsync=None, allow_query_key=False, config=None,
-                 listen="127.0.0.1:0", extra_args=(), log_dir=None):
+                 listen="127.0.0.1:0", extra_args=(), log_dir=None, env=None):
         self.data = data
+        self.env = env
         self.n = _next_n()
         base = log_dir or os.path.dirname(os.path.abspath(data.rstrip("/")))
         self.stderr_path = os.path.join(base, "daemon-%d.stderr" % self.n)
@@ -358,8 +359,12 @@ class Daemon(object):
         out = open(self.stdout_path, "wb")
         err = open(self.stderr_path, "wb")
         try:
+            environ = None
+            if self.env:
+                environ = dict(os.environ)
+                environ.update(self.env)
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err,
+                                         stdout=out, stderr=err, env=environ,
                                          start_new_session=True)
         finally:
             out.close()

@@ -738,5 +738,51 @@ def test_full_disk_503_then_recovers():
     h.verify_ok(data)
 
 
+# --------------------------------------------------------------------------
+# A failed fsync: read-only until restart (API.md section 5)
+
+def test_failed_fsync_read_only_until_restart():
+    lib = os.environ.get("KL_FAULT_LIB")
+    if not lib or not os.path.exists(lib):
+        raise h.Skip("KL_FAULT_LIB (the fsync fault shim) is not built")
+    flag = os.path.join(h.tempdir(), "fail-fsync")
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    fault_env = {"LD_PRELOAD": lib, "KL_FAULT_FSYNC_FILE": flag,
+                 "ASAN_OPTIONS": (asan + ":" if asan else "") +
+                                 "verify_asan_link_order=0"}
+    env = h.Env(fsync="always", env=fault_env)
+    c = env.client()
+    before, _ = h.create_key(c, "before the failure")
+
+    open(flag, "w").close()
+    expect_error(c.post("/v1/api-keys", {"name": "during"}), 503, "unavailable")
+    r = c.get("/readyz")
+    check(r.status == 503, "/readyz is %d after a failed fsync" % r.status)
+    check("fsync" in r.body.decode("utf-8", "replace"),
+          "/readyz does not say why: %r" % r.body[:200])
+    # Reads go on.
+    listed = expect(c.get("/v1/api-keys"), 200).json["api_keys"]
+    names = [k["name"] for k in listed]
+    check("before the failure" in names and "during" not in names,
+          "list after the failed fsync: %s" % names)
+    expect(c.get("/v1/me"), 200)
+
+    # The disk is fine again, but a retried fsync proves nothing: still 503.
+    os.remove(flag)
+    expect_error(c.post("/v1/api-keys", {"name": "after"}), 503, "unavailable")
+    check(c.get("/readyz").status == 503, "/readyz turned 200 without a restart")
+
+    env.restart(env={})
+    c = env.client()
+    check(c.get("/readyz").status == 200, "/readyz not 200 after restart")
+    expect(c.get(KEY_PATH % before["id"]), 200)
+    names = [k["name"] for k in expect(c.get("/v1/api-keys"), 200).json["api_keys"]]
+    check("during" not in names and "after" not in names,
+          "a write answered 503 appeared after restart: %s" % names)
+    h.create_key(c, "after restart")
+    env.stop()
+    h.verify_ok(env.data)
+
 if __name__ == "__main__":
     h.main(globals())
+
