@@ -116,8 +116,7 @@ static kl_key *key_for_secret(kl_daemon *d, const char *secret, int64_t now)
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
     if (!match && k->old_until > now)
         match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
-    bool ok = match && kl_key_status_at(k, now) == KL_KEY_ACTIVE &&
-              kl_key_owner_enabled(k);
+    bool ok = match && kl_key_usable(k, now);
     kl_usage_note(d->usage, k, ok, now);
     return ok ? k : NULL;
 }
@@ -263,7 +262,7 @@ int kl_api_if_match(kl_http_request *req, uint64_t version)
 
 /* ---- Idempotency-Key -------------------------------------------------- */
 
-int kl_api_idempotency(kl_daemon *d, kl_cmd *c)
+int kl_api_idempotency(kl_cmd *c)
 {
     kl_http_request *req = c->req;
     kl_http_slice h;
@@ -301,7 +300,6 @@ int kl_api_idempotency(kl_daemon *d, kl_cmd *c)
     kl_buf_free(&fp);
     memcpy(c->idem_fp, hash, sizeof c->idem_fp);
     kl_cmd_lock(c, &c->idem_slot);
-    (void)d;
     return 0;
 }
 

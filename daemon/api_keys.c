@@ -226,7 +226,7 @@ static kl_cmd *cmd_start(kl_daemon *d, kl_http_request *req, const kl_caller *ca
     }
     c->body = body;
     c->data = in;
-    if (kl_api_idempotency(d, c) != 0) {
+    if (kl_api_idempotency(c) != 0) {
         kl_cmd_free(c);
         return NULL;
     }

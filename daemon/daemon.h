@@ -212,7 +212,7 @@ int kl_api_body(kl_http_request *req, const char *const *allowed, json_t **out);
 int kl_api_if_match(kl_http_request *req, uint64_t version);
 /* Reads Idempotency-Key into c (and locks its slot); answers 400 and
  * returns non-zero when it is malformed. */
-int kl_api_idempotency(kl_daemon *d, kl_cmd *c);
+int kl_api_idempotency(kl_cmd *c);
 /* Called by the command service before decide: answers a replay (or 422
  * for a different request with the same key) and returns non-zero, or 0
  * when this is the first request with the key. */

@@ -69,8 +69,7 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
         json_object_set_new(o, "last_used_at", kl_json_time(k->last_used_at));
     if (k->expires_at != 0)
         json_object_set_new(o, "expires_at", kl_json_time(k->expires_at));
-    json_object_set_new(o, "is_active",
-                        json_boolean(st == KL_KEY_ACTIVE && kl_key_owner_enabled(k)));
+    json_object_set_new(o, "is_active", json_boolean(kl_key_usable(k, now)));
     json_object_set_new(o, "status", json_string(kl_key_status_name(st)));
     if (k->revoked) {
         json_object_set_new(o, "revoked_at", kl_json_time(k->revoked_at));

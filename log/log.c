@@ -331,10 +331,10 @@ static void segment_unmap(mapped *m)
 
 typedef enum { REC_OK = 0, REC_TORN, REC_BAD } rec_status;
 
-/* Checks the record at `off`: framing, CRC and the fixed payload prefix.
- * REC_TORN: it runs past the end of the file. */
-static rec_status record_check(const mapped *m, size_t off, uint32_t *len_out,
-                               uint64_t *seq_out)
+/* Checks the record at `off`: framing, the fixed payload prefix and (with
+ * `crc`) the CRC. REC_TORN: it runs past the end of the file. */
+static rec_status record_check(const mapped *m, size_t off, bool crc,
+                               uint32_t *len_out, uint64_t *seq_out)
 {
     if (m->size - off < 8)
         return REC_TORN;
@@ -346,7 +346,7 @@ static rec_status record_check(const mapped *m, size_t off, uint32_t *len_out,
     const uint8_t *p = m->data + off + 8;
     if (p[0] != 0x99 || p[1] != 0xcf || p[10] != 0xc4 || p[11] != 0x20)
         return REC_BAD;
-    if (kl_crc32c(0, p, len) != get_u32(m->data + off + 4))
+    if (crc && kl_crc32c(0, p, len) != get_u32(m->data + off + 4))
         return REC_BAD;
     *len_out = len;
     *seq_out = get_be64(p + 2);
@@ -363,7 +363,7 @@ static bool valid_record_after(const mapped *m, size_t bad)
             continue;           /* cheap filter before the CRC */
         uint32_t len;
         uint64_t seq;
-        if (record_check(m, off, &len, &seq) == REC_OK)
+        if (record_check(m, off, true, &len, &seq) == REC_OK)
             return true;
     }
     return false;
@@ -542,7 +542,7 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
     while (off < m.size) {
         uint32_t len;
         uint64_t seq;
-        rec_status st = record_check(&m, off, &len, &seq);
+        rec_status st = record_check(&m, off, true, &len, &seq);
         if (st == REC_OK && seq != *expect_seq) {
             err_where(err, name, off, "seq %" PRIu64 " where %"
                        PRIu64 " was expected", seq, *expect_seq);
@@ -731,11 +731,15 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
         }
         memcpy(hash, m.data + 24, KL_HASH_LEN);
         size_t off = HEADER_SIZE;
-        /* Only what open checked: records appended since are not read. */
+        /* Only what open checked, CRCs included: records appended since
+         * are not read, and the checked ones cannot change (the writer
+         * holds the lock and only appends), so their CRCs are not computed
+         * again; framing and sequence are, to notice a file swapped
+         * underneath. */
         while (off < seg->size && expect <= log->head_seq) {
             uint32_t len;
             uint64_t seq;
-            if (record_check(&m, off, &len, &seq) != REC_OK || seq != expect) {
+            if (record_check(&m, off, false, &len, &seq) != REC_OK || seq != expect) {
                 err_where(err, name, off, "record changed while "
                            "reading");
                 segment_unmap(&m);

@@ -654,6 +654,11 @@ bool kl_key_owner_enabled(const kl_key *k)
     return s->active && !s->deleted;
 }
 
+bool kl_key_usable(const kl_key *k, int64_t now)
+{
+    return kl_key_status_at(k, now) == KL_KEY_ACTIVE && kl_key_owner_enabled(k);
+}
+
 void kl_key_touch(kl_key *k, int64_t now)
 {
     if (now > k->last_used_at)

@@ -150,6 +150,9 @@ kl_key_status kl_key_status_at(const kl_key *k, int64_t now);
 const char *kl_key_status_name(kl_key_status s);
 /* The key's owner can act: user not removed, service account active. */
 bool kl_key_owner_enabled(const kl_key *k);
+/* The key may be used at `now`: active status and an enabled owner (what
+ * authentication accepts and `is_active` shows). */
+bool kl_key_usable(const kl_key *k, int64_t now);
 /* The one change outside the fold: a key's last use, recorded by the
  * daemon on every successful authentication so `last_used_at` is exact at
  * query time. It is memory-only until usage is written to the log. */
