@@ -43,13 +43,13 @@ int main(int argc, char **argv)
     ev.type = KL_EV_ORG_CREATED;
     ev.has = KL_F_NAME;
     ev.name = (kl_str){"Bench", 5};
-    int rc = kl_log_frame_event(log, &ev, &batch);
+    int rc = kl_log_frame_event(log, &ev, true, &batch);
     ev.type = KL_EV_USER_INVITED;
     ev.has = KL_F_ID | KL_F_EMAIL | KL_F_ROLE;
     ev.id = user;
     ev.email = (kl_str){"owner@bench.test", 16};
     ev.role = KL_ROLE_OWNER;
-    rc = rc ? rc : kl_log_frame_event(log, &ev, &batch);
+    rc = rc ? rc : kl_log_frame_event(log, &ev, false, &batch);
     ev.actor = (kl_actor){KL_PRINCIPAL_USER, user, {{0}}};
     for (long i = 0; i < n && rc == KL_OK; i++) {
         char name[32], secret[KL_SECRET_MAX], display[KL_DISPLAY_PREFIX_LEN + 1];
@@ -71,7 +71,7 @@ int main(int argc, char **argv)
         ev.rl_day = 100000;
         rc = kl_secret_new("kl", KL_ENV_LIVE, &ev.id, secret, ev.hash, display);
         ev.prefix = (kl_str){display, KL_DISPLAY_PREFIX_LEN};
-        rc = rc ? rc : kl_log_frame_event(log, &ev, &batch);
+        rc = rc ? rc : kl_log_frame_event(log, &ev, false, &batch);
         if (rc == KL_OK && batch.len > (4u << 20)) {
             rc = kl_log_write(log, &batch, &mark, &err);
             batch.len = 0;

@@ -116,6 +116,7 @@ void kl_cmd_free(kl_cmd *c)
     if (c == NULL)
         return;
     kl_buf_free(&c->events);
+    free(c->event_ends);
     json_decref(c->body);
     free(c->data);
     /* The secret was in memory only for the answer. */
@@ -142,8 +143,14 @@ void kl_cmd_lock_shared(kl_cmd *c, const kl_id *id) { lock(c, id, true); }
 
 int kl_cmd_event(kl_daemon *d, kl_cmd *c, kl_event *ev)
 {
-    if (c->nevents == sizeof c->event_ends / sizeof c->event_ends[0])
-        return KL_EINVAL;
+    if (c->nevents == c->cap_events) {
+        uint32_t cap = c->cap_events ? c->cap_events * 2 : 4;
+        uint32_t *ends = realloc(c->event_ends, cap * sizeof *ends);
+        if (ends == NULL)
+            return KL_ENOMEM;
+        c->event_ends = ends;
+        c->cap_events = cap;
+    }
     ev->ts = c->now;
     if (c->caller.org != NULL)
         ev->org = c->caller.org->id;
@@ -381,7 +388,8 @@ static void on_seal(uv_check_t *h)
         for (uint32_t i = 0; i < c->nevents && rc == KL_OK; i++) {
             uint64_t seq;
             rc = kl_log_frame(d->log, (const uint8_t *)c->events.data + start,
-                              c->event_ends[i] - start, &cm->batch, &seq);
+                              c->event_ends[i] - start, i + 1 < c->nevents,
+                              &cm->batch, &seq);
             if (i == 0)
                 c->first_seq = seq;
             start = c->event_ends[i];

@@ -106,8 +106,8 @@ struct kl_cmd {
     kl_cmd_fn render;
     int64_t now;                /* the time stamped on its events */
     kl_buf events;              /* encoded event bodies, back to back */
-    uint32_t event_ends[8];     /* where each body ends in events */
-    uint32_t nevents;
+    uint32_t *event_ends;       /* where each body ends in events */
+    uint32_t nevents, cap_events;
     uint64_t first_seq;         /* set once framed */
     /* Idempotency-Key, when the request had one. */
     bool has_idem;

@@ -1,12 +1,13 @@
 /*
  * The event catalogue and its msgpack codec.
  *
- * A record payload is one msgpack array of 9 elements:
+ * A record payload is one msgpack array of 10 elements:
  *
- *   [seq, prev, type, version, ts, org, actor, request_id, body]
+ *   [seq, prev, more, type, version, ts, org, actor, request_id, body]
  *
  *   seq         uint      gapless, from 1
  *   prev        bin 32    chain hash of the previous record (zeros for seq 1)
+ *   more        bool      the next record belongs to the same command
  *   type        str       "KeyCreated", ... (the catalogue below)
  *   version     uint      schema version of that type
  *   ts          int       ms since the epoch
@@ -15,8 +16,8 @@
  *   request_id  bin16|nil
  *   body        map       str keys (below); only the fields the type allows
  *
- * kl_event_encode writes elements 3..9; kl_log_frame writes the array header,
- * seq and prev in front of them. Body keys and their C fields:
+ * kl_event_encode writes elements 4..10; kl_log_frame writes the array
+ * header, seq, prev and more in front of them. Body keys and their C fields:
  *
  *   id bin16, name str, desc str, email str, comment str, prefix str,
  *   role uint, otype uint + owner bin16, hash bin32, env uint,
@@ -33,7 +34,7 @@
 #include <msgpack.h>
 #include <string.h>
 
-enum { PAYLOAD_FIELDS = 9, MAX_STR = 4096 };
+enum { PAYLOAD_FIELDS = 10, MAX_STR = 4096 };
 
 typedef struct event_spec {
     const char *name;
@@ -561,7 +562,14 @@ int kl_event_decode(const uint8_t *payload, size_t len, kl_record_head *head,
     uint64_t version;
     unsigned principal;
     if (!get_uint(&f[0], UINT64_MAX, &head->seq) ||
-        !get_bin(&f[1], head->prev, KL_HASH_LEN) || !get_str(&f[2], &type) ||
+        !get_bin(&f[1], head->prev, KL_HASH_LEN) ||
+        f[2].type != MSGPACK_OBJECT_BOOLEAN) {
+        kl_err_set(err, "malformed record prefix");
+        goto cleanup;
+    }
+    head->more = f[2].via.boolean;
+    f++;                        /* the event proper */
+    if (!get_str(&f[2], &type) ||
         !get_uint(&f[3], UINT32_MAX, &version) || !get_int(&f[4], &ev->ts) ||
         !get_bin(&f[5], ev->org.b, 16) || !is_array(&f[6], 3) ||
         !get_enum(&f[6].via.array.ptr[0], KL_PRINCIPAL_SYSTEM, &principal) ||

@@ -23,10 +23,18 @@
  *            (0) | CRC-32C of the 60 bytes before it u32
  *   record:  payload length u32 | CRC-32C of the payload u32 | payload
  *
- * A payload is a msgpack array (log/event.c) whose first three elements are
+ * A payload is a msgpack array (log/event.c) whose first four elements are
  * written with fixed encodings so they can be read without a parser:
  *
- *   0x99 | 0xcf seq (u64 big endian) | 0xc4 0x20 prev (32 bytes) | ...
+ *   0x9a | 0xcf seq (u64 big endian) | 0xc4 0x20 prev (32 bytes) |
+ *   more (0xc2 false, 0xc3 true) | ...
+ *
+ * `more` groups records: one command's events are written together and
+ * only the last has more = false. A group is all or nothing: a log whose
+ * last record says more = true ends in the middle of a command (a crash
+ * while its batch was being written), and recovery treats the whole
+ * unfinished group as torn. Segments roll only between batches, so a group
+ * never spans two segments.
  *
  * The hash chain: prev is the hash of the record before (zeros for seq 1),
  * and a record's hash is SHA-256 of its whole payload, so each hash covers
@@ -38,8 +46,9 @@
  * prefix, and its seq is one more than the record before it.
  *
  * Recovery (kl_log_open): every segment but the last must be valid to its
- * end. In the last, the first invalid record is a torn tail when no valid
- * record starts anywhere after it: the file is cut there and fsynced, and
+ * end and end on a finished group. In the last, the first invalid record is
+ * a torn tail when no valid record starts anywhere after it: the file is cut
+ * there (or where the unfinished group before it began) and fsynced, and
  * the cut is reported. If a valid record does follow, that is damage and the
  * open fails naming the segment and offset. Startup checks CRCs and links
  * between segments; the full chain (every prev against the hash of the
@@ -68,8 +77,8 @@
 
 enum {
     HEADER_SIZE = 64,
-    FORMAT_VERSION = 1,
-    PREFIX_SIZE = 44,            /* 0x99, seq (9), prev (34) */
+    FORMAT_VERSION = 2,
+    PREFIX_SIZE = 45,            /* 0x9a, seq (9), prev (34), more (1) */
     MAX_SEGMENTS = 1 << 20
 };
 #define KL_LOG_MAX_RECORD (1u << 20)
@@ -331,6 +340,19 @@ static void segment_unmap(mapped *m)
 
 typedef enum { REC_OK = 0, REC_TORN, REC_BAD } rec_status;
 
+/* The fixed payload prefix: array header, seq, prev, more. */
+static bool prefix_ok(const uint8_t *p)
+{
+    return p[0] == 0x9a && p[1] == 0xcf && p[10] == 0xc4 && p[11] == 0x20 &&
+           (p[44] == 0xc2 || p[44] == 0xc3);
+}
+
+/* Does another record of the same command follow this one? */
+static bool record_more(const mapped *m, size_t off)
+{
+    return m->data[off + 8 + 44] == 0xc3;
+}
+
 /* Checks the record at `off`: framing, the fixed payload prefix and (with
  * `crc`) the CRC. REC_TORN: it runs past the end of the file. */
 static rec_status record_check(const mapped *m, size_t off, bool crc,
@@ -344,7 +366,7 @@ static rec_status record_check(const mapped *m, size_t off, bool crc,
     if (m->size - off - 8 < len)
         return REC_TORN;
     const uint8_t *p = m->data + off + 8;
-    if (p[0] != 0x99 || p[1] != 0xcf || p[10] != 0xc4 || p[11] != 0x20)
+    if (!prefix_ok(p))
         return REC_BAD;
     if (crc && kl_crc32c(0, p, len) != get_u32(m->data + off + 4))
         return REC_BAD;
@@ -358,8 +380,7 @@ static rec_status record_check(const mapped *m, size_t off, bool crc,
 static bool valid_record_after(const mapped *m, size_t bad)
 {
     for (size_t off = bad + 1; off + 8 + PREFIX_SIZE <= m->size; off++) {
-        const uint8_t *p = m->data + off + 8;
-        if (p[0] != 0x99 || p[1] != 0xcf || p[10] != 0xc4 || p[11] != 0x20)
+        if (!prefix_ok(m->data + off + 8))
             continue;           /* cheap filter before the CRC */
         uint32_t len;
         uint64_t seq;
@@ -509,8 +530,9 @@ static int lock_dir(kl_log *log, kl_err *err)
     return KL_OK;
 }
 
-/* Walks one segment's records, checking sequence. Sets seg->size to the end
- * of the last valid record; *bad_at to the first invalid one (or the size). */
+/* Walks one segment's records, checking framing, CRC, sequence and groups.
+ * Sets seg->size to the end of the last whole group and reports anything
+ * after it in the last segment as torn. */
 static int segment_scan(kl_log *log, segment *seg, bool is_last,
                         uint64_t *expect_seq, uint8_t hash[KL_HASH_LEN],
                         kl_log_recovery *rec, kl_err *err)
@@ -537,8 +559,11 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
         rc = KL_ECORRUPT;
         goto cleanup;
     }
-    size_t off = HEADER_SIZE, last_off = 0;
+    /* `done` is the end of the last finished group: everything before it
+     * is whole commands; `last` the last record before it (for the hash). */
+    size_t off = HEADER_SIZE, done = HEADER_SIZE, last_off = 0;
     uint32_t last_len = 0;
+    uint64_t done_seq = *expect_seq, done_records = rec->records;
     while (off < m.size) {
         uint32_t len;
         uint64_t seq;
@@ -556,9 +581,6 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
                 rc = KL_ECORRUPT;
                 goto cleanup;
             }
-            rec->torn_bytes = m.size - off;
-            rec->torn_offset = off;
-            memcpy(rec->torn_segment, name, sizeof name);
             break;
         }
         if (off == HEADER_SIZE &&
@@ -568,13 +590,32 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
             rc = KL_ECORRUPT;
             goto cleanup;
         }
-        last_off = off;
-        last_len = len;
+        bool more = record_more(&m, off);
         off += 8 + (size_t)len;
         (*expect_seq)++;
         rec->records++;
+        if (!more) {
+            last_off = off - 8 - len;
+            last_len = len;
+            done = off;
+            done_seq = *expect_seq;
+            done_records = rec->records;
+        }
     }
-    seg->size = rec->torn_bytes != 0 && is_last ? rec->torn_offset : off;
+    if (!is_last && done != off) {
+        err_where(err, name, done, "the segment ends inside a command's "
+                   "group of records");
+        rc = KL_ECORRUPT;
+        goto cleanup;
+    }
+    if (done != m.size) {       /* a torn record or an unfinished group */
+        rec->torn_bytes = m.size - done;
+        rec->torn_offset = done;
+        memcpy(rec->torn_segment, name, sizeof name);
+        *expect_seq = done_seq;
+        rec->records = done_records;
+    }
+    seg->size = done;
     if (last_len != 0)
         kl_sha256(m.data + last_off + 8, last_len, hash);
     rc = KL_OK;
@@ -796,7 +837,7 @@ void kl_log_rewind(kl_log *log, const kl_log_mark *m)
     memcpy(log->head_hash, m->hash, KL_HASH_LEN);
 }
 
-int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
+int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len, bool more,
                  kl_buf *batch, uint64_t *seq_out)
 {
     size_t len = PREFIX_SIZE + body_len;
@@ -807,13 +848,14 @@ int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
     uint8_t *r = (uint8_t *)batch->data + batch->len;
     uint8_t *p = r + 8;
     uint64_t seq = log->head_seq + 1;
-    p[0] = 0x99;
+    p[0] = 0x9a;
     p[1] = 0xcf;
     for (int i = 0; i < 8; i++)
         p[2 + i] = (uint8_t)(seq >> (56 - 8 * i));
     p[10] = 0xc4;
     p[11] = 0x20;
     memcpy(p + 12, log->head_hash, KL_HASH_LEN);
+    p[44] = more ? 0xc3 : 0xc2;
     memcpy(p + PREFIX_SIZE, body, body_len);
     put_u32(r, (uint32_t)len);
     put_u32(r + 4, kl_crc32c(0, p, len));
@@ -824,13 +866,14 @@ int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
     return KL_OK;
 }
 
-int kl_log_frame_event(kl_log *log, const kl_event *ev, kl_buf *batch)
+int kl_log_frame_event(kl_log *log, const kl_event *ev, bool more, kl_buf *batch)
 {
     kl_buf body = {0};
     uint64_t seq;
     int rc = kl_event_encode(ev, &body);
     if (rc == KL_OK)
-        rc = kl_log_frame(log, (const uint8_t *)body.data, body.len, batch, &seq);
+        rc = kl_log_frame(log, (const uint8_t *)body.data, body.len, more, batch,
+                          &seq);
     kl_buf_free(&body);
     return rc;
 }

@@ -261,11 +261,12 @@ const char *kl_category_name(kl_category c);
 typedef struct kl_record_head {
     uint64_t seq;
     uint8_t prev[KL_HASH_LEN];  /* chain hash of the record before */
+    bool more;                  /* the next record is of the same command */
 } kl_record_head;
 
 /*
- * Encode the event's type, version, envelope and body (everything but seq
- * and prev, which kl_log_frame adds) into `out` (appended). ev->seq is
+ * Encode the event's type, version, envelope and body (everything but seq,
+ * prev and more, which kl_log_frame adds) into `out` (appended). ev->seq is
  * ignored.
  */
 int kl_event_encode(const kl_event *ev, kl_buf *out);
@@ -362,6 +363,10 @@ void kl_log_head_hash(const kl_log *log, uint8_t out[KL_HASH_LEN]);
  * the batch at the end of the last segment, rolls segments, and syncs per
  * policy. If kl_log_write fails, the file is cut back to where the batch
  * began and the head rewinds to `batch_start` (from kl_log_mark).
+ *
+ * `more` says the next record belongs to the same command: a command's
+ * records are framed into one batch, all but the last with more = true, and
+ * recovery keeps all of them or none.
  */
 typedef struct kl_log_mark {
     uint64_t seq;
@@ -369,11 +374,11 @@ typedef struct kl_log_mark {
 } kl_log_mark;
 
 void kl_log_mark_get(const kl_log *log, kl_log_mark *m);
-int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len,
+int kl_log_frame(kl_log *log, const uint8_t *body, size_t body_len, bool more,
                  kl_buf *batch, uint64_t *seq_out);
 /* kl_event_encode + kl_log_frame, for writers that hold the event whole
  * (the tools). */
-int kl_log_frame_event(kl_log *log, const kl_event *ev, kl_buf *batch);
+int kl_log_frame_event(kl_log *log, const kl_event *ev, bool more, kl_buf *batch);
 int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
                  kl_err *err);
 /* Forget records framed since `m` without writing them. */

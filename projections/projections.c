@@ -142,6 +142,7 @@ static void org_free(void *p)
     free(o->users.items);
     free(o->sas.items);
     free(o->keys.items);
+    free(o->history);
     free(o);
 }
 
@@ -178,6 +179,21 @@ void kl_proj_free(kl_proj *p)
 
 /* ---- organizations and users ------------------------------------------ */
 
+/* Room for one more history entry, made before the event is applied so
+ * that recording it afterwards cannot fail. */
+static int history_reserve(kl_org *o)
+{
+    if (o->history_len < o->history_cap)
+        return KL_OK;
+    uint64_t cap = o->history_cap ? o->history_cap * 2 : 16;
+    uint64_t *h = realloc(o->history, cap * sizeof *h);
+    if (h == NULL)
+        return KL_ENOMEM;
+    o->history = h;
+    o->history_cap = cap;
+    return KL_OK;
+}
+
 static int apply_org_created(kl_proj *p, const kl_event *ev, kl_err *err)
 {
     if (kl_idmap_get(&p->org_by_id, &ev->org) != NULL)
@@ -187,7 +203,7 @@ static int apply_org_created(kl_proj *p, const kl_event *ev, kl_err *err)
         return KL_ENOMEM;
     o->id = ev->org;
     if (vec_reserve(&p->orgs) != KL_OK || (o->name = str_dup(ev->name)) == NULL ||
-        kl_idmap_put(&p->org_by_id, o) != KL_OK) {
+        history_reserve(o) != KL_OK || kl_idmap_put(&p->org_by_id, o) != KL_OK) {
         org_free(o);
         return KL_ENOMEM;
     }
@@ -538,6 +554,8 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
         o = kl_idmap_get(&p->org_by_id, &ev->org);
         if (o == NULL)
             return misfit(err, ev, "unknown organization");
+        if (history_reserve(o) != KL_OK)
+            return KL_ENOMEM;
     }
     switch (ev->type) {
     case KL_EV_ORG_CREATED:
@@ -580,8 +598,12 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     }
     if (rc == KL_OK)
         rc = apply_idem(p, ev);
-    if (rc == KL_OK)
+    if (rc == KL_OK && o == NULL)       /* OrgCreated made it, with room */
+        o = kl_idmap_get(&p->org_by_id, &ev->org);
+    if (rc == KL_OK) {
+        o->history[o->history_len++] = ev->seq << 8 | (uint64_t)ev->type;
         p->seq = ev->seq;
+    }
     else if (rc == KL_ENOMEM)
         kl_err_set(err, "out of memory applying seq %llu",
                    (unsigned long long)ev->seq);

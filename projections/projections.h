@@ -39,7 +39,14 @@ typedef struct kl_org {
     kl_vec sas;                 /* kl_sa *, deleted ones excluded */
     kl_vec keys;                /* kl_key *, deleted ones excluded */
     uint32_t active_owners;
+    /* Every event of the org, oldest first, as seq << 8 | type: what the
+     * audit queries walk (the events themselves stay in the log). */
+    uint64_t *history;
+    uint64_t history_len, history_cap;
 } kl_org;
+
+#define KL_HISTORY_SEQ(h) ((h) >> 8)
+#define KL_HISTORY_TYPE(h) ((kl_event_type)((h) & 0xff))
 
 typedef struct kl_user {
     kl_id id;

@@ -106,7 +106,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.type = KL_EV_ORG_CREATED;
         ev.has = KL_F_NAME;
         ev.name = (kl_str){a->org, (uint32_t)org_len};
-        rc = kl_log_frame_event(log, &ev, &batch);
+        rc = kl_log_frame_event(log, &ev, true, &batch);
     }
     if (rc == KL_OK) {
         ev.type = KL_EV_USER_INVITED;
@@ -115,7 +115,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.email = (kl_str){a->email, (uint32_t)strlen(a->email)};
         ev.name = (kl_str){a->name, (uint32_t)name_len};
         ev.role = KL_ROLE_OWNER;
-        rc = kl_log_frame_event(log, &ev, &batch);
+        rc = kl_log_frame_event(log, &ev, true, &batch);
     }
     if (rc == KL_OK)
         rc = kl_secret_new("kl", KL_ENV_LIVE, &key, secret, ev.hash, display);
@@ -131,7 +131,7 @@ static int create_org(const org_args *a, bool fresh)
         ev.prefix = (kl_str){display, KL_DISPLAY_PREFIX_LEN};
         ev.env = KL_ENV_LIVE;
         ev.access = KL_ACCESS_FULL;
-        rc = kl_log_frame_event(log, &ev, &batch);
+        rc = kl_log_frame_event(log, &ev, false, &batch);
     }
     if (rc == KL_OK)
         rc = kl_log_write(log, &batch, &mark, &err);

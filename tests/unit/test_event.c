@@ -5,9 +5,9 @@
  * (unknown types and versions, missing, unexpected and mistyped fields,
  * every truncation, byte flips), which must be refused, never crash.
  *
- * A payload is framed by hand as log/log.c documents it: 0x99, 0xcf + seq
- * (u64 big endian), 0xc4 0x20 + prev (32 bytes), then kl_event_encode's
- * bytes. One test checks that kl_log_frame produces exactly those bytes.
+ * A payload is framed by hand as log/log.c documents it: 0x9a, 0xcf + seq
+ * (u64 big endian), 0xc4 0x20 + prev (32 bytes), more (0xc2/0xc3), then
+ * kl_event_encode's bytes. One test checks that kl_log_frame produces exactly those bytes.
  * Payloads handed to the decoder are heap copies of their exact length, so
  * a read past the end, or a string left pointing at freed memory, is a
  * sanitizer error.
@@ -29,7 +29,7 @@
 
 #include "log.h"
 
-enum { PREFIX = 44 };
+enum { PREFIX = 45 };
 
 /* ---- building events ----------------------------------------------------- */
 
@@ -107,13 +107,14 @@ static kl_event full_event(kl_event_type t, uint32_t has)
 static void frame_by_hand(const kl_event *ev, uint64_t seq, kl_buf *out)
 {
     uint8_t pre[PREFIX];
-    pre[0] = 0x99;
+    pre[0] = 0x9a;
     pre[1] = 0xcf;
     for (int i = 0; i < 8; i++)
         pre[2 + i] = (uint8_t)(seq >> (56 - 8 * i));
     pre[10] = 0xc4;
     pre[11] = 0x20;
     memcpy(pre + 12, PREV, KL_HASH_LEN);
+    pre[44] = 0xc2;                     /* more: false */
     out->len = 0;
     assert_int_equal(kl_buf_append(out, pre, sizeof pre), KL_OK);
     assert_int_equal(kl_event_encode(ev, out), KL_OK);
@@ -650,9 +651,9 @@ static void test_frame_matches_log(void **state)
     kl_log_mark_get(log, &m);
     uint64_t seq;
     assert_int_equal(kl_log_frame(log, (const uint8_t *)body.data, body.len,
-                                  &batch, &seq), KL_OK);
+                                  false, &batch, &seq), KL_OK);
     assert_int_equal(kl_log_frame(log, (const uint8_t *)body.data, body.len,
-                                  &batch, &seq), KL_OK);
+                                  false, &batch, &seq), KL_OK);
     assert_int_equal(kl_log_write(log, &batch, &m, &err), KL_OK);
     assert_int_equal(kl_log_replay(log, 2, true, frame_payload, &got, &err), KL_OK);
     kl_log_close(log);
@@ -669,6 +670,7 @@ static void test_frame_matches_log(void **state)
     first.data[9] = 1;                  /* seq 1 */
     static const uint8_t zero[KL_HASH_LEN];
     assert_int_equal(kl_buf_append(&first, zero, KL_HASH_LEN), KL_OK);
+    assert_int_equal(kl_buf_append(&first, got.data + 44, 1), KL_OK);
     assert_int_equal(kl_buf_append(&first, body.data, body.len), KL_OK);
     uint8_t h1[KL_HASH_LEN];
     kl_sha256(first.data, first.len, h1);
@@ -990,9 +992,10 @@ static void pack_payload(msgpack_sbuffer *sb, const payload_spec *ps)
 {
     msgpack_packer pk;
     msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 9);
+    msgpack_pack_array(&pk, 10);
     msgpack_pack_uint64(&pk, 77);
     p_bin(&pk, 32, 0xee);
+    msgpack_pack_false(&pk);
     p_str(&pk, ps->type);
     msgpack_pack_uint64(&pk, ps->version);
     msgpack_pack_int64(&pk, 1768473000000);
@@ -1267,7 +1270,7 @@ static void pack_envelope_variant(msgpack_sbuffer *sb, int bad)
         msgpack_pack_map(&pk, 0);
         return;
     }
-    msgpack_pack_array(&pk, bad == 2 ? 8 : bad == 3 ? 10 : 9);
+    msgpack_pack_array(&pk, bad == 2 ? 9 : bad == 3 ? 11 : 10);
     /* seq */
     if (bad == 4) msgpack_pack_int64(&pk, -1);
     else if (bad == 5) p_str(&pk, "1");
@@ -1276,6 +1279,10 @@ static void pack_envelope_variant(msgpack_sbuffer *sb, int bad)
     if (bad == 6) p_bin(&pk, 31, 0);
     else if (bad == 7) p_str(&pk, "prev");
     else p_bin(&pk, 32, 0);
+    /* more */
+    if (bad == 27) msgpack_pack_uint8(&pk, 1);
+    else if (bad == 28) msgpack_pack_nil(&pk);
+    else msgpack_pack_true(&pk);
     /* type */
     if (bad == 8) p_bin(&pk, 10, 'K');
     else p_str(&pk, "OrgCreated");
@@ -1338,7 +1345,7 @@ static void test_malformed_envelope(void **state)
 {
     (void)state;
     kl_err err;
-    for (int bad = 0; bad <= 26; bad++) {
+    for (int bad = 0; bad <= 28; bad++) {
         msgpack_sbuffer sb;
         msgpack_sbuffer_init(&sb);
         pack_envelope_variant(&sb, bad);
@@ -1350,6 +1357,7 @@ static void test_malformed_envelope(void **state)
             if (rc != KL_OK)
                 fail_msg("valid envelope refused: %s", err.msg);
             assert_int_equal(head.seq, 3);
+            assert_true(head.more);
             assert_int_equal(ev.actor.type, KL_PRINCIPAL_SYSTEM);
             assert_int_equal(ev.ts, 5);
         } else if (rc != KL_ECORRUPT) {

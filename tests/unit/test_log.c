@@ -35,7 +35,7 @@
  * used when the CPU has no CRC instruction. */
 uint32_t kl_crc32c_portable(uint32_t crc, const void *data, size_t len);
 
-enum { HEADER = 64, PREFIX = 44, MAX_BODY = 160, MAX_RECS = 4096 };
+enum { HEADER = 64, PREFIX = 45, MAX_BODY = 160, MAX_RECS = 4096 };
 
 /* ---- fixture ----------------------------------------------------------- */
 
@@ -197,7 +197,7 @@ static void append_records(kl_log *log, uint64_t n, uint64_t per_batch)
             uint8_t body[MAX_BODY];
             size_t bl = body_for(m.seq + 1 + i, body);
             uint64_t seq = 0;
-            assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+            assert_int_equal(kl_log_frame(log, body, bl, false, &b, &seq), KL_OK);
             assert_int_equal(seq, m.seq + 1 + i);
             assert_int_equal(kl_log_head_seq(log), seq);
         }
@@ -208,6 +208,23 @@ static void append_records(kl_log *log, uint64_t n, uint64_t per_batch)
         kl_buf_free(&b);
         done += k;
     }
+}
+
+/* Writes n records as one command's group: all but the last say more. */
+static void append_group(kl_log *log, uint64_t n)
+{
+    kl_log_mark m;
+    kl_log_mark_get(log, &m);
+    kl_buf b = {0};
+    for (uint64_t i = 0; i < n; i++) {
+        uint8_t body[MAX_BODY];
+        size_t bl = body_for(m.seq + 1 + i, body);
+        uint64_t seq = 0;
+        assert_int_equal(kl_log_frame(log, body, bl, i + 1 < n, &b, &seq), KL_OK);
+    }
+    kl_err err = {0};
+    assert_int_equal(kl_log_write(log, &b, &m, &err), KL_OK);
+    kl_buf_free(&b);
 }
 
 static kl_log *open_ok(fx *f, kl_log_recovery *rec)
@@ -285,7 +302,7 @@ static void seg_read(const fx *f, uint64_t first, seg_info *si)
     const uint8_t *h = si->bytes;
     assert_true(si->size >= HEADER);
     assert_memory_equal(h, "KLEDGERL", 8);
-    assert_int_equal(le32(h + 8), 1);
+    assert_int_equal(le32(h + 8), 2);
     assert_int_equal(le32(h + 12), HEADER);
     assert_int_equal(le64(h + 16), first);
     assert_int_equal(le32(h + 56), 0);
@@ -300,7 +317,7 @@ static void seg_read(const fx *f, uint64_t first, seg_info *si)
         assert_true(si->size - off - 8 >= len);
         const uint8_t *p = si->bytes + off + 8;
         assert_int_equal(le32(si->bytes + off + 4), crc32c_ref(0, p, len));
-        assert_int_equal(p[0], 0x99);
+        assert_int_equal(p[0], 0x9a);
         assert_int_equal(p[1], 0xcf);
         assert_int_equal(p[10], 0xc4);
         assert_int_equal(p[11], 0x20);
@@ -337,7 +354,7 @@ static int on_record(uint64_t seq, const uint8_t *payload, size_t len,
     uint8_t body[MAX_BODY];
     size_t bl = body_for(seq, body);
     assert_int_equal(len, PREFIX + bl);
-    assert_int_equal(payload[0], 0x99);
+    assert_int_equal(payload[0], 0x9a);
     assert_int_equal(payload[1], 0xcf);
     assert_int_equal(be64(payload + 2), seq);
     assert_int_equal(payload[10], 0xc4);
@@ -562,11 +579,11 @@ static void test_frame_rejects_oversized(void **state)
     assert_non_null(body);
     kl_buf b = {0};
     uint64_t seq = 0;
-    assert_int_equal(kl_log_frame(log, body, big, &b, &seq), KL_EINVAL);
+    assert_int_equal(kl_log_frame(log, body, big, false, &b, &seq), KL_EINVAL);
     assert_int_equal(b.len, 0);
     assert_int_equal(kl_log_head_seq(log), 0);
     /* The largest record allowed goes through and reads back. */
-    assert_int_equal(kl_log_frame(log, body, big - 1, &b, &seq), KL_OK);
+    assert_int_equal(kl_log_frame(log, body, big - 1, false, &b, &seq), KL_OK);
     assert_int_equal(seq, 1);
     kl_log_mark m = {0};
     kl_err err = {0};
@@ -747,6 +764,62 @@ static void test_torn_tail_every_offset(void **state)
         free(now);
         verify_ok(f, 120);
     }
+    seg_free(si);
+    free(si);
+}
+
+/* One command's records are all or nothing: a log that ends inside a group
+ * (cut at any byte after the group's start, record boundaries included)
+ * loses the whole group; a finished group stays. */
+static void test_torn_group(void **state)
+{
+    fx *f = *state;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 5, 5);
+    append_group(log, 3);
+    kl_log_close(log);
+    char name[32], path[600];
+    seg_name(1, name);
+    path_of(f, name, path);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, 1, si);
+    assert_int_equal(si->nrec, 8);
+    size_t group = si->recs[5].off;
+    uint8_t h5[KL_HASH_LEN];
+    SHA256(si->bytes + si->recs[4].off + 8, si->recs[4].len, h5);
+
+    for (size_t cut = group + 1; cut < si->size; cut++) {
+        write_all_file(path, si->bytes, cut);
+        kl_log_verify_report rep;
+        kl_err err;
+        assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_OK);
+        assert_int_equal(rep.events, 5);
+        assert_int_equal(rep.torn_bytes, cut - group);
+        log = open_ok(f, &rec);
+        assert_int_equal(rec.records, 5);
+        assert_int_equal(rec.torn_bytes, cut - group);
+        assert_int_equal(rec.torn_offset, group);
+        assert_int_equal(file_size(path), group);
+        assert_int_equal(kl_log_head_seq(log), 5);
+        uint8_t h[KL_HASH_LEN];
+        kl_log_head_hash(log, h);
+        assert_memory_equal(h, h5, KL_HASH_LEN);
+        /* The same group written again comes out byte for byte. */
+        append_group(log, 3);
+        kl_log_close(log);
+        size_t n;
+        uint8_t *now = read_all(path, &n);
+        assert_int_equal(n, si->size);
+        assert_memory_equal(now, si->bytes, n);
+        free(now);
+    }
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 8);
+    assert_int_equal(rec.torn_bytes, 0);
+    kl_log_close(log);
+    verify_ok(f, 8);
     seg_free(si);
     free(si);
 }
@@ -1164,7 +1237,7 @@ static void test_rewind(void **state)
     uint64_t seq;
     uint8_t junk[10] = {0};
     for (int i = 0; i < 3; i++) {
-        assert_int_equal(kl_log_frame(log, junk, sizeof junk, &b, &seq), KL_OK);
+        assert_int_equal(kl_log_frame(log, junk, sizeof junk, false, &b, &seq), KL_OK);
         assert_int_equal(seq, 3 + (uint64_t)i);
     }
     uint8_t moved[KL_HASH_LEN];
@@ -1180,7 +1253,7 @@ static void test_rewind(void **state)
     for (uint64_t i = 3; i <= 5; i++) {
         uint8_t body[MAX_BODY];
         size_t bl = body_for(i, body);
-        assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+        assert_int_equal(kl_log_frame(log, body, bl, false, &b, &seq), KL_OK);
         assert_int_equal(seq, i);
     }
     kl_err err = {0};
@@ -1218,7 +1291,7 @@ static void test_failed_write_rewinds(void **state)
         uint8_t body[MAX_BODY];
         size_t bl = body_for(i, body);
         uint64_t seq;
-        assert_int_equal(kl_log_frame(log, body, bl, &b, &seq), KL_OK);
+        assert_int_equal(kl_log_frame(log, body, bl, false, &b, &seq), KL_OK);
     }
     assert_int_equal(kl_log_head_seq(log), 13);
     assert_true(b.len > 200);
@@ -1281,6 +1354,7 @@ int main(void)
         T(test_segment_roll),
         T(test_verify_check_callback),
         T(test_torn_tail_every_offset),
+        T(test_torn_group),
         T(test_torn_only_record_of_last_segment),
         T(test_garbage_after_last_record),
         T(test_damage_in_last_segment),

@@ -92,7 +92,7 @@ static void write_to_log(world *w, const kl_event *ev)
     kl_log_mark_get(w->log, &m);
     uint64_t seq;
     assert_int_equal(kl_log_frame(w->log, (const uint8_t *)body.data, body.len,
-                                  &batch, &seq), KL_OK);
+                                  false, &batch, &seq), KL_OK);
     assert_int_equal(seq, ev->seq);
     kl_err err = {0};
     assert_int_equal(kl_log_write(w->log, &batch, &m, &err), KL_OK);
