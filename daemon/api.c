@@ -305,31 +305,81 @@ int kl_api_idempotency(kl_cmd *c)
 
 /* A replay after a restart: the answer is rebuilt from the current state of
  * what the first request made (without any secret, which never reaches the
- * disk). */
+ * disk). The first event of the request says what it was. */
 static void replay_from_state(kl_daemon *d, kl_cmd *c, const kl_idem *r)
 {
     static const char hdr[] = "Idempotent-Replayed: true\r\n";
-    int64_t now = kl_daemon_now(d);
-    kl_key *k = kl_proj_key(d->proj, &r->target);
+    const kl_id *id = &r->target;
+    int status = 200;
+    json_t *o = NULL;
     switch (r->type) {
     case KL_EV_KEY_DELETED:
+    case KL_EV_USER_REMOVED:
+    case KL_EV_SA_DELETED:
+    case KL_EV_COMPUTER_DELETED:
         kl_http_respond(c->req, 204, NULL, hdr, NULL, 0);
         return;
     case KL_EV_KEY_CREATED:
+        status = 201;
+        /* fall through */
     case KL_EV_KEY_UPDATED:
     case KL_EV_KEY_REGENERATED:
-    case KL_EV_KEY_REVOKED:
-        if (k != NULL && !k->deleted) {
-            kl_api_json(c->req, r->type == KL_EV_KEY_CREATED ? 201 : 200,
-                        kl_render_key(k, now), hdr);
-            return;
-        }
+    case KL_EV_KEY_REVOKED: {
+        const kl_key *k = kl_proj_key(d->proj, id);
+        if (k != NULL && !k->deleted)
+            o = kl_render_key(k, kl_daemon_now(d));
         break;
+    }
+    case KL_EV_USER_INVITED:
+        status = 201;
+        /* fall through */
+    case KL_EV_USER_UPDATED:
+    case KL_EV_USER_ROLE_CHANGED:
+        o = kl_render_user(kl_proj_user(d->proj, id));
+        break;
+    case KL_EV_SA_CREATED:
+        status = 201;
+        /* fall through */
+    case KL_EV_SA_UPDATED:
+    case KL_EV_SA_DEACTIVATED:
+    case KL_EV_SA_REACTIVATED: {
+        const kl_sa *s = kl_proj_sa(d->proj, id);
+        if (!s->deleted)
+            o = kl_render_sa(s);
+        break;
+    }
+    case KL_EV_USAGE_LIMITS_CHANGED:
+        o = kl_render_limits(c->caller.org);
+        break;
+    case KL_EV_COMPUTER_CREATED:
+        status = 201;
+        /* fall through */
+    case KL_EV_COMPUTER_RESTARTED:
+        o = kl_render_computer(kl_proj_computer(d->proj, id));
+        break;
+    case KL_EV_SESSION_CREATED: {
+        const kl_session *s = kl_proj_session(d->proj, id);
+        status = 201;
+        if (!s->deleted)
+            o = kl_render_session(s);
+        break;
+    }
+    case KL_EV_MESSAGE_POSTED: {
+        const kl_message *m = kl_proj_message(d->proj, id);
+        status = 201;
+        if (!m->session->deleted)
+            o = kl_render_message(m);
+        break;
+    }
     default:
         break;
     }
-    kl_api_error(c->req, 404, "not_found",
-                 "the resource this Idempotency-Key created no longer exists", NULL);
+    if (o != NULL)
+        kl_api_json(c->req, status, o, hdr);
+    else
+        kl_api_error(c->req, 404, "not_found",
+                     "the resource this Idempotency-Key acted on no longer exists",
+                     NULL);
 }
 
 int kl_api_idem_replay(kl_daemon *d, kl_cmd *c)
@@ -378,7 +428,53 @@ void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body)
     }
 }
 
-/* ---- ids and pages ---------------------------------------------------- */
+/* ---- commands --------------------------------------------------------- */
+
+kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
+                   json_t *body, size_t data_size)
+{
+    kl_cmd *c = kl_cmd_new(d, req, caller);
+    void *data = calloc(1, data_size > 0 ? data_size : 1);
+    if (c == NULL || data == NULL) {
+        free(data);
+        kl_cmd_free(c);
+        json_decref(body);
+        kl_api_error(req, 503, "unavailable", "out of memory", NULL);
+        return NULL;
+    }
+    c->body = body;
+    c->data = data;
+    if (kl_api_idempotency(c) != 0) {
+        kl_cmd_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev)
+{
+    if (kl_cmd_event(d, c, ev) != KL_OK) {
+        kl_api_error(c->req, 503, "unavailable", "out of memory", NULL);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- ids, queries and pages ------------------------------------------- */
+
+int kl_api_query_bool(kl_http_request *req, const char *name, bool *out)
+{
+    char buf[8];
+    int q = kl_http_query(req, name, buf, sizeof buf);
+    if (q == 0)
+        return 0;
+    if (q < 0 || (strcmp(buf, "true") != 0 && strcmp(buf, "false") != 0)) {
+        bad_arg(req, name, "%s must be true or false", name);
+        return -1;
+    }
+    *out = strcmp(buf, "true") == 0;
+    return 0;
+}
 
 int kl_api_path_id(kl_http_request *req, int i, kl_id_kind kind, kl_id *out)
 {

@@ -211,28 +211,6 @@ static void settings_to_event(const key_input *in, kl_event *ev)
     ev->expires_at = in->expires_at;
 }
 
-/* Starts a write command: allocates it with its parsed input. */
-static kl_cmd *cmd_start(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
-                         json_t *body)
-{
-    kl_cmd *c = kl_cmd_new(d, req, caller);
-    key_input *in = calloc(1, sizeof *in);
-    if (c == NULL || in == NULL) {
-        free(in);
-        kl_cmd_free(c);
-        json_decref(body);
-        kl_api_error(req, 503, "unavailable", "out of memory", NULL);
-        return NULL;
-    }
-    c->body = body;
-    c->data = in;
-    if (kl_api_idempotency(c) != 0) {
-        kl_cmd_free(c);
-        return NULL;
-    }
-    return c;
-}
-
 /* The caller's key in its org, not deleted; answers 404 otherwise. */
 static kl_key *org_key(kl_daemon *d, kl_cmd *c)
 {
@@ -266,9 +244,40 @@ static int render_deleted(kl_daemon *d, kl_cmd *c)
 
 /* ---- create ----------------------------------------------------------- */
 
+/* A new key's owner must be in the caller's org and able to act. */
+static int owner_can_hold_keys(kl_daemon *d, kl_cmd *c, const key_input *in)
+{
+    const kl_org *org = c->caller.org;
+    if (in->owner_type == KL_PRINCIPAL_USER) {
+        const kl_user *u = kl_proj_user(d->proj, &in->owner);
+        if (u == NULL || u->org != org) {
+            kl_api_error(c->req, 404, "not_found", "no such user", NULL);
+            return -1;
+        }
+        if (u->removed) {
+            kl_api_error(c->req, 409, "conflict", "the user was removed", NULL);
+            return -1;
+        }
+        return 0;
+    }
+    const kl_sa *s = kl_proj_sa(d->proj, &in->owner);
+    if (s == NULL || s->org != org || s->deleted) {
+        kl_api_error(c->req, 404, "not_found", "no such service account", NULL);
+        return -1;
+    }
+    if (!s->active) {
+        kl_api_error(c->req, 409, "conflict", "the service account is deactivated",
+                     NULL);
+        return -1;
+    }
+    return 0;
+}
+
 static int decide_create(kl_daemon *d, kl_cmd *c)
 {
     key_input *in = c->data;
+    if (owner_can_hold_keys(d, c, in) != 0)
+        return -1;
     kl_event ev = {.type = KL_EV_KEY_CREATED, .has = KL_F_ID | KL_F_OWNER |
                    KL_F_HASH | KL_F_PREFIX | KL_F_ENV | KL_F_ACCESS};
     settings_to_event(in, &ev);
@@ -289,11 +298,7 @@ static int decide_create(kl_daemon *d, kl_cmd *c)
     }
     ev.prefix = (kl_str){display, KL_DISPLAY_PREFIX_LEN};
     c->target = ev.id;
-    if (kl_cmd_event(d, c, &ev) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "out of memory", NULL);
-        return -1;
-    }
-    return 0;
+    return kl_api_emit(d, c, &ev);
 }
 
 static const char *const CREATE_FIELDS[] = {
@@ -307,7 +312,7 @@ void kl_keys_create_for(kl_daemon *d, kl_http_request *req, const kl_caller *cal
     json_t *body;
     if (kl_api_body(req, CREATE_FIELDS, &body) != 0)
         return;
-    kl_cmd *c = cmd_start(d, req, caller, body);
+    kl_cmd *c = kl_api_cmd(d, req, caller, body, sizeof(key_input));
     if (c == NULL)
         return;
     key_input *in = c->data;
@@ -352,18 +357,12 @@ void kl_h_keys_list(kl_http_request *req)
     if (kl_api_auth(d, req, KL_NEED_READ, &caller) != 0 ||
         kl_api_page(req, KL_ID_KEY, &pg) != 0)
         return;
-    char buf[64];
     bool include_revoked = false;
-    int q = kl_http_query(req, "include_revoked", buf, sizeof buf);
-    if (q != 0) {
-        if (q < 0 || (strcmp(buf, "true") != 0 && strcmp(buf, "false") != 0)) {
-            kl_api_bad_arg(req, "include_revoked", "include_revoked must be true or false");
-            return;
-        }
-        include_revoked = strcmp(buf, "true") == 0;
-    }
+    if (kl_api_query_bool(req, "include_revoked", &include_revoked) != 0)
+        return;
+    char buf[64];
     kl_ref owner = {KL_PRINCIPAL_NONE, {{0}}};
-    q = kl_http_query(req, "owner", buf, sizeof buf);
+    int q = kl_http_query(req, "owner", buf, sizeof buf);
     if (q != 0) {
         size_t n = q > 0 ? strlen(buf) : 0;
         if (q > 0 && kl_id_parse(KL_ID_USER, buf, n, &owner.id) == KL_OK)
@@ -438,11 +437,15 @@ static kl_cmd *key_cmd(kl_http_request *req, const char *const *fields,
         kl_api_path_id(req, 0, KL_ID_KEY, &id) != 0 ||
         kl_api_body(req, fields, &body) != 0)
         return NULL;
-    kl_cmd *c = cmd_start(d, req, &caller, body);
+    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(key_input));
     if (c == NULL)
         return NULL;
     c->target = id;
     kl_cmd_lock(c, &id);
+    /* Deleting a service account revokes its keys: keep the two apart. */
+    const kl_key *k = kl_proj_key(d->proj, &id);
+    if (k != NULL)
+        kl_cmd_lock_shared(c, &k->owner.id);
     c->decide = decide;
     c->render = render;
     return c;
@@ -461,11 +464,7 @@ static int emit(kl_daemon *d, kl_cmd *c, kl_event *ev)
 {
     ev->id = c->target;
     ev->has |= KL_F_ID;
-    if (kl_cmd_event(d, c, ev) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "out of memory", NULL);
-        return -1;
-    }
-    return 0;
+    return kl_api_emit(d, c, ev);
 }
 
 static int decide_update(kl_daemon *d, kl_cmd *c)

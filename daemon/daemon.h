@@ -59,6 +59,7 @@ typedef struct kl_daemon {
     kl_idgen ids;
     kl_idem_cache *idem;
     kl_usage *usage;
+    kl_log_reader *reader;      /* audit reads; opened on first use */
     bool ready;                 /* replay done */
     bool stopping;
     uv_signal_t sigterm, sigint;
@@ -185,6 +186,32 @@ void kl_h_keys_update(kl_http_request *req);
 void kl_h_keys_delete(kl_http_request *req);
 void kl_h_keys_regenerate(kl_http_request *req);
 void kl_h_keys_revoke(kl_http_request *req);
+void kl_h_users_invite(kl_http_request *req);
+void kl_h_users_list(kl_http_request *req);
+void kl_h_users_get(kl_http_request *req);
+void kl_h_users_update(kl_http_request *req);
+void kl_h_users_remove(kl_http_request *req);
+void kl_h_users_keys_create(kl_http_request *req);
+void kl_h_users_keys_list(kl_http_request *req);
+void kl_h_limits_get(kl_http_request *req);
+void kl_h_limits_put(kl_http_request *req);
+void kl_h_sa_create(kl_http_request *req);
+void kl_h_sa_list(kl_http_request *req);
+void kl_h_sa_get(kl_http_request *req);
+void kl_h_sa_update(kl_http_request *req);
+void kl_h_sa_delete(kl_http_request *req);
+void kl_h_sa_keys_create(kl_http_request *req);
+void kl_h_sa_keys_list(kl_http_request *req);
+void kl_h_computers_create(kl_http_request *req);
+void kl_h_computers_list(kl_http_request *req);
+void kl_h_computers_get(kl_http_request *req);
+void kl_h_computers_restart(kl_http_request *req);
+void kl_h_computers_delete(kl_http_request *req);
+void kl_h_sessions_create(kl_http_request *req);
+void kl_h_sessions_list(kl_http_request *req);
+void kl_h_sessions_get(kl_http_request *req);
+void kl_h_messages_post(kl_http_request *req);
+void kl_h_messages_list(kl_http_request *req);
 
 /* A key for `owner` (POST /v1/api-keys and the per-owner routes). */
 void kl_keys_create_for(kl_daemon *d, kl_http_request *req,
@@ -220,8 +247,17 @@ int kl_api_idem_replay(kl_daemon *d, kl_cmd *c);
 /* Answer a command with `body` (dumped and freed; NULL for 204) and keep the
  * answer for Idempotency-Key replays. */
 void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body);
-/* Path parameter i as an id of `kind` that belongs to the caller's org;
- * answers 404 otherwise. */
+/* Starts a write command for req: `data_size` zeroed bytes of handler data
+ * in c->data, the body owned, Idempotency-Key read. Answers the request and
+ * returns NULL on failure. */
+kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
+                   json_t *body, size_t data_size);
+/* kl_cmd_event for decide functions: answers 503 and returns -1 when the
+ * event cannot be built. */
+int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev);
+/* ?name=true|false into *out (left alone when absent); 400 otherwise. */
+int kl_api_query_bool(kl_http_request *req, const char *name, bool *out);
+/* Path parameter i as an id of `kind`; answers 404 otherwise. */
 int kl_api_path_id(kl_http_request *req, int i, kl_id_kind kind, kl_id *out);
 
 /* Typed body fields: 1 present (in *out), 0 absent, -1 invalid (answered
@@ -255,11 +291,58 @@ json_t *kl_api_page_body(const char *name, json_t *items, kl_id_kind kind,
 /* Rendering entities (render.c). */
 json_t *kl_render_key(const kl_key *k, int64_t now);
 json_t *kl_render_org(const kl_org *o);
+json_t *kl_render_limits(const kl_org *o);   /* the org's usage_limits */
+json_t *kl_render_user(const kl_user *u);
+json_t *kl_render_sa(const kl_sa *s);
+json_t *kl_render_computer(const kl_computer *c);
+json_t *kl_render_session(const kl_session *s);
+json_t *kl_render_message(const kl_message *m);
 json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
 json_t *kl_json_time(int64_t ms);
 json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */
 
 /* The time used for a request: wall clock in ms. */
 int64_t kl_daemon_now(const kl_daemon *d);
+
+/* ---- audit history (audit.c, docs/audit.md) --------------------------- */
+
+/* Sets of categories, as masks of kl_category bits: what a view serves. */
+#define KL_AUDIT_CAT(c) (1u << (c))
+/* GET /v1/org/control-history: the control plane (people, roles,
+ * service accounts, keys, org limits). */
+#define KL_AUDIT_CONTROL_PLANE (KL_AUDIT_CAT(KL_CAT_CONTROL) | KL_AUDIT_CAT(KL_CAT_KEYS))
+
+/* What an audit query asks for; the query string of API.md, parsed. */
+typedef struct kl_audit_filter {
+    uint32_t categories;        /* KL_AUDIT_CAT mask */
+    kl_event_type type;         /* KL_EV_NONE: any */
+    bool has_since, has_until;
+    int64_t since, until;       /* ms: since <= occurred_at < until */
+    bool has_actor;
+    kl_ref actor;               /* type KL_PRINCIPAL_SYSTEM for "system" */
+    bool has_target;
+    kl_id_kind target_kind;
+    kl_id target;
+    uint64_t cursor;            /* only events below this seq; 0: from the newest */
+    uint32_t limit;
+    bool jsonl;                 /* format=jsonl */
+} kl_audit_filter;
+
+/* One event as the audit API shows it; `hash` is its record's chain hash. */
+json_t *kl_audit_event_json(const kl_event *ev, const uint8_t hash[KL_HASH_LEN]);
+/* Parses the query string for a view serving `categories` (the category
+ * filter may narrow it, not widen it). Answers 400 and returns non-zero
+ * on a bad parameter. */
+int kl_audit_parse(kl_daemon *d, kl_http_request *req, uint32_t categories,
+                   kl_audit_filter *f);
+/* Appends to `events` the org's events that pass f, newest first, at most
+ * f->limit; *next is the cursor of the next page, 0 on the last. Reads
+ * through d->reader. */
+int kl_audit_query(kl_daemon *d, const kl_org *org, const kl_audit_filter *f,
+                   json_t *events, uint64_t *next, kl_err *err);
+/* Parse, query and answer: a whole audit view of `org`, once authorized. */
+void kl_audit_serve(kl_daemon *d, kl_http_request *req, const kl_org *org,
+                    uint32_t categories);
+void kl_h_control_history(kl_http_request *req);
 
 #endif

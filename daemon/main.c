@@ -247,6 +247,7 @@ int main(int argc, char **argv)
     kl_http_server_free(d->http);
     kl_idem_cache_free(d->idem);
     kl_proj_free(d->proj);
+    kl_log_reader_close(d->reader);
     kl_log_close(d->log);
     uv_loop_close(d->loop);
     if (d->exit_code == 0)

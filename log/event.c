@@ -23,7 +23,8 @@
  *   role uint, otype uint + owner bin16, hash bin32, env uint,
  *   access uint + flows [str], rl [minute, day], lim [minute, day, month],
  *   exp int (0 = never), grace int, active bool, idem [key str, fp bin16],
- *   usage [from int, to int, successes uint, failures uint, last_used int]
+ *   usage [from int, to int, successes uint, failures uint, last_used int],
+ *   title str, ref bin16, content str, author uint
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -34,7 +35,7 @@
 #include <msgpack.h>
 #include <string.h>
 
-enum { PAYLOAD_FIELDS = 10, MAX_STR = 4096 };
+enum { PAYLOAD_FIELDS = 10, MAX_STR = 65536 };
 
 typedef struct event_spec {
     const char *name;
@@ -91,11 +92,19 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
     [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, 0, 0},
     [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS, 0, 0},
     [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS, 0, 0},
-    [KL_EV_COMPUTER_CREATED] = {"ComputerCreated", 1, KL_CAT_RESOURCES, 0, 0},
-    [KL_EV_COMPUTER_RESTARTED] = {"ComputerRestarted", 1, KL_CAT_RESOURCES, 0, 0},
-    [KL_EV_COMPUTER_DELETED] = {"ComputerDeleted", 1, KL_CAT_RESOURCES, 0, 0},
-    [KL_EV_SESSION_CREATED] = {"SessionCreated", 1, KL_CAT_RESOURCES, 0, 0},
-    [KL_EV_MESSAGE_POSTED] = {"MessagePosted", 1, KL_CAT_RESOURCES, 0, 0},
+    [KL_EV_COMPUTER_CREATED] = {"ComputerCreated", 1, KL_CAT_RESOURCES,
+        KL_F_ID | KL_F_NAME | KL_F_OWNER, KL_F_ID | KL_F_NAME | KL_F_OWNER | KL_F_IDEM},
+    [KL_EV_COMPUTER_RESTARTED] = {"ComputerRestarted", 1, KL_CAT_RESOURCES,
+        KL_F_ID, KL_F_ID | KL_F_IDEM},
+    [KL_EV_COMPUTER_DELETED] = {"ComputerDeleted", 1, KL_CAT_RESOURCES,
+        KL_F_ID, KL_F_ID | KL_F_IDEM},
+    [KL_EV_SESSION_CREATED] = {"SessionCreated", 1, KL_CAT_RESOURCES,
+        KL_F_ID, KL_F_ID | KL_F_TITLE | KL_F_REF | KL_F_IDEM},
+    [KL_EV_MESSAGE_POSTED] = {"MessagePosted", 1, KL_CAT_RESOURCES,
+        KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT,
+        KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT | KL_F_IDEM},
+    [KL_EV_SESSION_DELETED] = {"SessionDeleted", 1, KL_CAT_RESOURCES,
+        KL_F_ID, KL_F_ID | KL_F_IDEM},
 };
 
 const char *kl_event_type_name(kl_event_type t)
@@ -138,6 +147,7 @@ static const char *const role_names[] = {"", "owner", "manager", "member", "gues
 static const char *const principal_names[] = {"", "user", "service_account", "system"};
 static const char *const access_names[] = {"", "full", "read_only", "flows"};
 static const char *const env_names[] = {"", "live", "test"};
+static const char *const author_names[] = {"", "user", "assistant"};
 
 const char *kl_role_name(kl_role r) { return (unsigned)r < 5 ? role_names[r] : ""; }
 kl_role kl_role_parse(const char *s, size_t len)
@@ -157,6 +167,14 @@ const char *kl_env_name(kl_env e) { return (unsigned)e < 3 ? env_names[e] : ""; 
 kl_env kl_env_parse(const char *s, size_t len)
 {
     return (kl_env)name_index(env_names, 3, s, len);
+}
+const char *kl_author_name(kl_author a)
+{
+    return (unsigned)a < 3 ? author_names[a] : "";
+}
+kl_author kl_author_parse(const char *s, size_t len)
+{
+    return (kl_author)name_index(author_names, 3, s, len);
 }
 
 /* ---- encoding -------------------------------------------------------- */
@@ -198,7 +216,7 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
     /* Refuse what the decoder would refuse: a record written here must
      * always replay. */
     const kl_str *strs[] = {&ev->name, &ev->description, &ev->email, &ev->comment,
-                            &ev->prefix, &ev->idem_key};
+                            &ev->prefix, &ev->idem_key, &ev->title, &ev->content};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (strs[i]->len > MAX_STR)
             return KL_EINVAL;
@@ -207,6 +225,8 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
         ((ev->has & KL_F_OWNER) &&
          (ev->owner_type < KL_PRINCIPAL_USER || ev->owner_type > KL_PRINCIPAL_SA)) ||
         ((ev->has & KL_F_ENV) && (ev->env < KL_ENV_LIVE || ev->env > KL_ENV_TEST)) ||
+        ((ev->has & KL_F_AUTHOR) &&
+         (ev->author < KL_AUTHOR_USER || ev->author > KL_AUTHOR_ASSISTANT)) ||
         ((ev->has & KL_F_ACCESS) &&
          (ev->access < KL_ACCESS_FULL || ev->access > KL_ACCESS_FLOWS ||
           ev->nflows > KL_MAX_FLOWS)))
@@ -284,6 +304,15 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
              msgpack_pack_uint32(&pk, ev->successes) ||
              msgpack_pack_uint32(&pk, ev->failures) ||
              msgpack_pack_int64(&pk, ev->last_used);
+    if (!rc && (has & KL_F_TITLE))
+        rc = pack_key(&pk, "title") || pack_str(&pk, ev->title.ptr, ev->title.len);
+    if (!rc && (has & KL_F_REF))
+        rc = pack_key(&pk, "ref") || pack_bin(&pk, ev->ref.b, 16);
+    if (!rc && (has & KL_F_CONTENT))
+        rc = pack_key(&pk, "content") ||
+             pack_str(&pk, ev->content.ptr, ev->content.len);
+    if (!rc && (has & KL_F_AUTHOR))
+        rc = pack_key(&pk, "author") || msgpack_pack_uint8(&pk, (uint8_t)ev->author);
     if (!rc && (has & KL_F_IDEM))
         rc = pack_key(&pk, "idem") || msgpack_pack_array(&pk, 2) ||
              pack_str(&pk, ev->idem_key.ptr, ev->idem_key.len) ||
@@ -403,6 +432,18 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
     }
     if (key_is(k, "hash"))
         return get_bin(v, ev->hash, KL_HASH_LEN) ? KL_F_HASH : 0;
+    if (key_is(k, "title"))
+        return get_str(v, &ev->title) ? KL_F_TITLE : 0;
+    if (key_is(k, "ref"))
+        return get_bin(v, ev->ref.b, 16) ? KL_F_REF : 0;
+    if (key_is(k, "content"))
+        return get_str(v, &ev->content) ? KL_F_CONTENT : 0;
+    if (key_is(k, "author")) {
+        if (!get_enum(v, KL_AUTHOR_ASSISTANT, &e))
+            return 0;
+        ev->author = (kl_author)e;
+        return KL_F_AUTHOR;
+    }
     if (key_is(k, "env")) {
         if (!get_enum(v, KL_ENV_TEST, &e))
             return 0;

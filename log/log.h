@@ -155,6 +155,7 @@ typedef enum {
     KL_EV_COMPUTER_DELETED,
     KL_EV_SESSION_CREATED,
     KL_EV_MESSAGE_POSTED,
+    KL_EV_SESSION_DELETED,
     KL_EV_TYPE_COUNT
 } kl_event_type;
 
@@ -165,6 +166,8 @@ typedef enum { KL_PRINCIPAL_NONE = 0, KL_PRINCIPAL_USER,
 typedef enum { KL_ACCESS_NONE = 0, KL_ACCESS_FULL, KL_ACCESS_READ_ONLY,
                KL_ACCESS_FLOWS } kl_access;
 typedef enum { KL_ENV_NONE = 0, KL_ENV_LIVE, KL_ENV_TEST } kl_env;
+/* Who wrote a session message. */
+typedef enum { KL_AUTHOR_NONE = 0, KL_AUTHOR_USER, KL_AUTHOR_ASSISTANT } kl_author;
 
 const char *kl_role_name(kl_role r);
 kl_role kl_role_parse(const char *s, size_t len);
@@ -173,6 +176,8 @@ const char *kl_access_name(kl_access a);
 kl_access kl_access_parse(const char *s, size_t len);
 const char *kl_env_name(kl_env e);
 kl_env kl_env_parse(const char *s, size_t len);
+const char *kl_author_name(kl_author a);
+kl_author kl_author_parse(const char *s, size_t len);
 
 /* A borrowed string: points into a decoded record or a request. */
 typedef struct kl_str {
@@ -201,7 +206,12 @@ enum {
     KL_F_ACTIVE = 1u << 14,
     KL_F_LIMITS = 1u << 15,      /* org limits: minute, day, month (0 = none) */
     KL_F_IDEM = 1u << 16,        /* idempotency key + request fingerprint */
-    KL_F_USAGE = 1u << 17        /* usage counts of one key over a period */
+    KL_F_USAGE = 1u << 17,       /* usage counts of one key over a period */
+    KL_F_TITLE = 1u << 18,
+    KL_F_REF = 1u << 19,         /* the entity this one belongs to: a
+                                    session's computer, a message's session */
+    KL_F_CONTENT = 1u << 20,
+    KL_F_AUTHOR = 1u << 21       /* a message's role: user or assistant */
 };
 
 typedef struct kl_actor {
@@ -224,7 +234,9 @@ typedef struct kl_event {
     kl_id request_id;           /* zero if none */
     uint32_t has;               /* KL_F_* */
     kl_id id;
-    kl_str name, description, email, comment, prefix;
+    kl_str name, description, email, comment, prefix, title, content;
+    kl_id ref;
+    kl_author author;
     kl_role role;
     kl_principal owner_type;
     kl_id owner;
@@ -404,5 +416,23 @@ typedef struct kl_log_verify_report {
  * passed; non-zero from it stops the walk as damage at that record. */
 int kl_log_verify(const char *dir, kl_log_record_fn check, void *arg,
                   kl_log_verify_report *rep, kl_err *err);
+
+/* ---- reading records by seq (reader.c) ---------------------------------- */
+
+/*
+ * Random access for the audit queries: read-only descriptors of its own, no
+ * LOCK, so it works while the daemon writes. Ask only for seqs known to be
+ * written (the daemon: applied ones); the index never goes past the seq
+ * asked for, so records a failed write later cuts back are never in it.
+ */
+typedef struct kl_log_reader kl_log_reader;
+int kl_log_reader_open(const char *dir, kl_log_reader **out, kl_err *err);
+void kl_log_reader_close(kl_log_reader *r);   /* NULL is a no-op */
+/* The payload of record `seq` (copied into *payload, replaced) and its chain
+ * hash (SHA-256 of the payload; hash may be NULL to skip it). KL_ENOENT when
+ * seq is past the end (or before the start), KL_ECORRUPT with the segment
+ * and offset in err when the record's framing or CRC is bad. */
+int kl_log_reader_get(kl_log_reader *r, uint64_t seq, kl_buf *payload,
+                      uint8_t hash[KL_HASH_LEN], kl_err *err);
 
 #endif

@@ -19,6 +19,7 @@ struct kl_proj {
     uint64_t seq;
     kl_vec orgs;                /* kl_org *, in creation order */
     kl_idmap org_by_id, user_by_id, sa_by_id, key_by_id, idem_by_slot;
+    kl_idmap computer_by_id, session_by_id, message_by_id;
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -142,6 +143,8 @@ static void org_free(void *p)
     free(o->users.items);
     free(o->sas.items);
     free(o->keys.items);
+    free(o->computers.items);
+    free(o->sessions.items);
     free(o->history);
     free(o);
 }
@@ -164,10 +167,36 @@ static void sa_free(void *p)
 
 static void key_free_any(void *p) { key_free(p); }
 
+static void computer_free(void *p)
+{
+    kl_computer *c = p;
+    free(c->name);
+    free(c);
+}
+
+static void message_free(kl_message *m)
+{
+    free(m->content);
+    free(m);
+}
+
+static void session_free(void *p)
+{
+    kl_session *s = p;
+    for (uint32_t i = 0; i < s->messages.len; i++)
+        message_free(s->messages.items[i]);
+    free(s->messages.items);
+    free(s->title);
+    free(s);
+}
+
 void kl_proj_free(kl_proj *p)
 {
     if (p == NULL)
         return;
+    kl_idmap_free(&p->message_by_id);   /* sessions own their messages */
+    free_all(&p->session_by_id, session_free);
+    free_all(&p->computer_by_id, computer_free);
     free_all(&p->key_by_id, key_free_any);
     free_all(&p->sa_by_id, sa_free);
     free_all(&p->user_by_id, user_free);
@@ -276,6 +305,8 @@ static int apply_sa_created(kl_proj *p, kl_org *o, const kl_event *ev,
 {
     if (kl_idmap_get(&p->sa_by_id, &ev->id) != NULL)
         return misfit(err, ev, "service account id exists");
+    if (kl_proj_sa_by_name(o, ev->name.ptr, ev->name.len) != NULL)
+        return misfit(err, ev, "service account name taken");
     kl_sa *s = calloc(1, sizeof *s);
     if (s == NULL)
         return KL_ENOMEM;
@@ -324,7 +355,6 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
     default: /* KL_EV_SA_DELETED */
         s->deleted = true;
         s->active = false;
-        vec_remove(&o->sas, s);
         break;
     }
     s->updated_at = ev->ts;
@@ -472,6 +502,117 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
     return KL_OK;
 }
 
+/* ---- computers and sessions ------------------------------------------ */
+
+/* The owner of a new computer must be an enabled principal of the org. */
+static bool owner_fits(kl_proj *p, const kl_org *o, kl_principal type,
+                       const kl_id *id)
+{
+    if (type == KL_PRINCIPAL_USER) {
+        const kl_user *u = kl_idmap_get(&p->user_by_id, id);
+        return u != NULL && u->org == o && !u->removed;
+    }
+    const kl_sa *s = kl_idmap_get(&p->sa_by_id, id);
+    return type == KL_PRINCIPAL_SA && s != NULL && s->org == o && s->active;
+}
+
+static int apply_computer(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
+{
+    kl_computer *c = kl_idmap_get(&p->computer_by_id, &ev->id);
+    if (ev->type == KL_EV_COMPUTER_CREATED) {
+        if (c != NULL)
+            return misfit(err, ev, "computer id exists");
+        if (!owner_fits(p, o, ev->owner_type, &ev->owner))
+            return misfit(err, ev, "no such enabled owner in the organization");
+        if ((c = calloc(1, sizeof *c)) == NULL)
+            return KL_ENOMEM;
+        c->id = ev->id;
+        c->org = o;
+        c->owner = (kl_ref){ev->owner_type, ev->owner};
+        c->created_by = actor_ref(ev);
+        c->created_at = c->updated_at = ev->ts;
+        c->version = 1;
+        if ((c->name = str_dup(ev->name)) == NULL || vec_reserve(&o->computers) != KL_OK ||
+            kl_idmap_put(&p->computer_by_id, c) != KL_OK) {
+            computer_free(c);
+            return KL_ENOMEM;
+        }
+        vec_insert_sorted(&o->computers, c);
+        return KL_OK;
+    }
+    if (c == NULL || c->org != o || c->deleted)
+        return misfit(err, ev, "no such computer in the organization");
+    if (ev->type == KL_EV_COMPUTER_RESTARTED)
+        c->restarted_at = ev->ts;
+    else
+        c->deleted = true;
+    c->updated_at = ev->ts;
+    c->version++;
+    return KL_OK;
+}
+
+static int apply_session(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
+{
+    kl_session *s = kl_idmap_get(&p->session_by_id, &ev->id);
+    if (ev->type == KL_EV_SESSION_CREATED) {
+        if (s != NULL)
+            return misfit(err, ev, "session id exists");
+        if (ev->has & KL_F_REF) {
+            const kl_computer *c = kl_idmap_get(&p->computer_by_id, &ev->ref);
+            if (c == NULL || c->org != o || c->deleted)
+                return misfit(err, ev, "no such computer in the organization");
+        }
+        if ((s = calloc(1, sizeof *s)) == NULL)
+            return KL_ENOMEM;
+        s->id = ev->id;
+        s->org = o;
+        s->computer = ev->ref;
+        s->created_by = actor_ref(ev);
+        s->created_at = s->updated_at = ev->ts;
+        s->version = 1;
+        if (((ev->has & KL_F_TITLE) && (s->title = str_dup(ev->title)) == NULL) ||
+            vec_reserve(&o->sessions) != KL_OK ||
+            kl_idmap_put(&p->session_by_id, s) != KL_OK) {
+            session_free(s);
+            return KL_ENOMEM;
+        }
+        vec_insert_sorted(&o->sessions, s);
+        return KL_OK;
+    }
+    if (s == NULL || s->org != o || s->deleted)
+        return misfit(err, ev, "no such session in the organization");
+    s->deleted = true;
+    s->updated_at = ev->ts;
+    s->version++;
+    return KL_OK;
+}
+
+static int apply_message(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
+{
+    kl_session *s = kl_idmap_get(&p->session_by_id, &ev->ref);
+    if (s == NULL || s->org != o || s->deleted)
+        return misfit(err, ev, "no such session in the organization");
+    if (kl_idmap_get(&p->message_by_id, &ev->id) != NULL)
+        return misfit(err, ev, "message id exists");
+    kl_message *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return KL_ENOMEM;
+    m->id = ev->id;
+    m->session = s;
+    m->author = ev->author;
+    m->created_by = actor_ref(ev);
+    m->created_at = ev->ts;
+    if ((m->content = str_dup(ev->content)) == NULL ||
+        vec_reserve(&s->messages) != KL_OK ||
+        kl_idmap_put(&p->message_by_id, m) != KL_OK) {
+        message_free(m);
+        return KL_ENOMEM;
+    }
+    vec_insert_sorted(&s->messages, m);
+    s->updated_at = ev->ts;
+    return KL_OK;
+}
+
 /* Usage of a key, deleted or not (its history stays). */
 static int apply_usage(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
 {
@@ -593,6 +734,18 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     case KL_EV_USAGE_RECORDED:
         rc = apply_usage(p, o, ev, err);
         break;
+    case KL_EV_COMPUTER_CREATED:
+    case KL_EV_COMPUTER_RESTARTED:
+    case KL_EV_COMPUTER_DELETED:
+        rc = apply_computer(p, o, ev, err);
+        break;
+    case KL_EV_SESSION_CREATED:
+    case KL_EV_SESSION_DELETED:
+        rc = apply_session(p, o, ev, err);
+        break;
+    case KL_EV_MESSAGE_POSTED:
+        rc = apply_message(p, o, ev, err);
+        break;
     default:
         return misfit(err, ev, "this build cannot apply the event type");
     }
@@ -639,6 +792,18 @@ kl_key *kl_proj_key(const kl_proj *p, const kl_id *id)
 {
     return kl_idmap_get(&p->key_by_id, id);
 }
+kl_computer *kl_proj_computer(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->computer_by_id, id);
+}
+kl_session *kl_proj_session(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->session_by_id, id);
+}
+kl_message *kl_proj_message(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->message_by_id, id);
+}
 uint32_t kl_proj_org_count(const kl_proj *p) { return p->orgs.len; }
 kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i) { return p->orgs.items[i]; }
 
@@ -649,6 +814,16 @@ kl_user *kl_proj_user_by_email(const kl_org *org, const char *email, size_t len)
         if (!u->removed && strlen(u->email) == len &&
             strncasecmp(u->email, email, len) == 0)
             return u;
+    }
+    return NULL;
+}
+
+kl_sa *kl_proj_sa_by_name(const kl_org *org, const char *name, size_t len)
+{
+    for (uint32_t i = 0; i < org->sas.len; i++) {
+        kl_sa *s = org->sas.items[i];
+        if (strlen(s->name) == len && memcmp(s->name, name, len) == 0)
+            return s;
     }
     return NULL;
 }
@@ -701,4 +876,6 @@ void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st)
     st->sas = p->sa_by_id.len;
     st->keys = p->key_by_id.len;
     st->idem = p->idem_by_slot.len;
+    st->computers = p->computer_by_id.len;
+    st->sessions = p->session_by_id.len;
 }

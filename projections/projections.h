@@ -36,8 +36,11 @@ typedef struct kl_org {
     uint64_t version;
     uint32_t lim_minute, lim_day, lim_month;   /* 0 = no limit */
     kl_vec users;               /* kl_user *, removed ones included */
-    kl_vec sas;                 /* kl_sa *, deleted ones excluded */
+    kl_vec sas;                 /* kl_sa *, deleted ones included (their
+                                   names stay taken) */
     kl_vec keys;                /* kl_key *, deleted ones excluded */
+    kl_vec computers;           /* kl_computer *, deleted ones included */
+    kl_vec sessions;            /* kl_session *, deleted ones included */
     uint32_t active_owners;
     /* Every event of the org, oldest first, as seq << 8 | type: what the
      * audit queries walk (the events themselves stay in the log). */
@@ -104,6 +107,43 @@ typedef struct kl_key {
                                    not state: the fold never reads it */
 } kl_key;
 
+/* Resources owned by principals (the Factory public API's computers and
+ * sessions), each attributed to the principal that created it. */
+typedef struct kl_computer {
+    kl_id id;
+    kl_org *org;
+    char *name;
+    kl_ref owner;               /* a user or a service account */
+    kl_ref created_by;
+    bool deleted;
+    int64_t created_at, updated_at;
+    int64_t restarted_at;       /* 0 = never */
+    uint64_t version;
+} kl_computer;
+
+typedef struct kl_session kl_session;
+
+typedef struct kl_message {
+    kl_id id;
+    kl_session *session;
+    kl_author author;
+    kl_ref created_by;
+    int64_t created_at;
+    char *content;
+} kl_message;
+
+struct kl_session {
+    kl_id id;
+    kl_org *org;
+    char *title;                /* NULL = none */
+    kl_id computer;             /* zero = none */
+    kl_ref created_by;
+    bool deleted;
+    int64_t created_at, updated_at;
+    uint64_t version;
+    kl_vec messages;            /* kl_message *, oldest first */
+};
+
 /* An Idempotency-Key the log remembers: who sent it, for what, with what. */
 typedef struct kl_idem {
     kl_id slot;                 /* hash of (org, caller key, idempotency key) */
@@ -139,8 +179,15 @@ kl_key *kl_proj_key(const kl_proj *p, const kl_id *id);
 uint32_t kl_proj_org_count(const kl_proj *p);
 kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i);
 
-/* The user with this email in the org, or NULL (case-insensitive). */
+/* Deleted computers and sessions are still found; check ->deleted. */
+kl_computer *kl_proj_computer(const kl_proj *p, const kl_id *id);
+kl_session *kl_proj_session(const kl_proj *p, const kl_id *id);
+kl_message *kl_proj_message(const kl_proj *p, const kl_id *id);
+
+/* The active user with this email in the org, or NULL (case-insensitive). */
 kl_user *kl_proj_user_by_email(const kl_org *org, const char *email, size_t len);
+/* The service account with this name in the org, deleted or not, or NULL. */
+kl_sa *kl_proj_sa_by_name(const kl_org *org, const char *name, size_t len);
 
 /* Index of the first element of `v` whose id is greater than `after`
  * (all of them when after is NULL): where a page starts. */
@@ -169,7 +216,7 @@ kl_role kl_key_role(const kl_key *k);
 
 /* Counts, for metrics and memory figures. */
 typedef struct kl_proj_stats {
-    uint64_t orgs, users, sas, keys, idem;
+    uint64_t orgs, users, sas, keys, idem, computers, sessions;
 } kl_proj_stats;
 void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st);
 

@@ -1164,7 +1164,7 @@ def parse_segment(path):
 
 def check_segment_header(seg):
     eq(seg.magic, MAGIC, "%s magic" % seg.name)
-    eq(seg.version, 1, "%s format version" % seg.name)
+    eq(seg.version, 2, "%s format version" % seg.name)
     eq(seg.header_size, HEADER_SIZE, "%s header size" % seg.name)
     eq(seg.reserved, 0, "%s reserved word" % seg.name)
     check(seg.header_crc_ok, "%s header CRC-32C does not match" % seg.name)

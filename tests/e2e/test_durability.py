@@ -589,6 +589,71 @@ def test_tampered_history_detected_by_verify():
        + res.describe())
 
 
+def test_torn_command_group_is_cut_whole():
+    """Deleting a service account is one command of many records (the
+    account, each key revoked, each computer deleted). A log that ends
+    anywhere inside that group, even on a record boundary, must come back
+    with none of it: the account, its keys and its computer as they were."""
+    env = h.Env()
+    c = env.client()
+    sa = c.post("/v1/service-accounts", {"name": "ci-runner"})
+    expect(sa, 201)
+    sa_id = sa.json["id"]
+    keys = []
+    for i in range(3):
+        r = c.post("/v1/service-accounts/%s/api-keys" % sa_id, {"name": "k%d" % i})
+        expect(r, 201)
+        keys.append(r.json["id"])
+    cmp = c.post("/v1/computers", {"name": "box", "owner": sa_id})
+    expect(cmp, 201)
+    expect(c.delete("/v1/service-accounts/%s" % sa_id), 204)
+    env.stop()
+    last = h.parse_log(env.data)[-1]
+    # Ids are stored as binary; the type names are plain strings. Usage
+    # records written at shutdown may follow the group.
+    first = [i for i, r in enumerate(last.records)
+             if b"ServiceAccountDeleted" in r.payload]
+    eq(len(first), 1, "ServiceAccountDeleted records")
+    group = last.records[first[0]:first[0] + 5]  # the account, 3 keys, the computer
+    eq([b"KeyRevoked" in r.payload for r in group[1:4]], [True] * 3,
+       "the keys revoked right after the account")
+    check(b"ComputerDeleted" in group[4].payload, "the computer deleted last")
+    cuts = {
+        "inside the third record": group[2].offset + 8 + group[2].length // 2,
+        "on the boundary after two records": group[2].offset,
+        "just before the last byte": group[-1].end - 1,
+        "right after the first record": group[1].offset,
+    }
+    for what, cut in sorted(cuts.items()):
+        root, data = h.copy_data(env.data)
+        with open(os.path.join(data, last.name), "r+b") as f:
+            f.truncate(cut)
+        d = h.Daemon(data)
+        try:
+            d.start()
+        except h.DaemonStartError as e:
+            fail("%s: the daemon must cut the unfinished group and start: %s"
+                 % (what, e))
+        try:
+            c2 = h.Client(d.port, env.key)
+            r = c2.get("/v1/service-accounts/%s" % sa_id)
+            if r.status != 200:
+                fail("%s: the service account must be back: %s" % (what, r.describe()))
+            for kid in keys:
+                k = c2.get(KEY_PATH % kid)
+                expect(k, 200)
+                eq(k.json["status"], "active", "%s: key %s status" % (what, kid))
+            eq(c2.get("/v1/computers/%s" % cmp.json["id"]).json["status"], "running",
+               "%s: computer status" % what)
+            check(str(group[0].offset) in d.stderr_text(),
+                  "%s: the cut is reported with its offset: %s" % (what, d.stderr_text()))
+            # The same delete works again and is whole.
+            expect(c2.delete("/v1/service-accounts/%s" % sa_id), 204)
+        finally:
+            d.stop()
+        h.verify_ok(data)
+
+
 def test_damage_mid_last_segment_refuses_start():
     env, ids, last, idx, init_id = _torn_setup(n=6)
     recs = last.records
@@ -701,7 +766,10 @@ def test_full_disk_503_then_recovers():
         expect_error(c.post("/v1/api-keys", {"name": name}), 503, "unavailable")
         failed_names.append(name)
     some = next(iter(acked))
-    expect_error(c.patch(KEY_PATH % some, {"name": "x"}), 503, "unavailable")
+    # Larger than any creation record, so it cannot fit the room a failed
+    # creation left in the segment's last page.
+    expect_error(c.patch(KEY_PATH % some, {"name": "x", "description": "d" * 1000}),
+                 503, "unavailable")
     # Reads keep working and show nothing half-applied.
     eq(h.me(c)["key_id"], info["key_id"], "/v1/me on a full disk")
     listed = {x["id"]: x["name"] for x in h.list_all(c)}

@@ -98,6 +98,10 @@ static kl_event full_event(kl_event_type t, uint32_t has)
     ev.failures = 3;
     ev.last_used = 1768474799999;
     ev.idem_key = S("create-0001");
+    ev.title = S("nightly \"release\" run");
+    ev.content = S("deploy the \xe2\x9c\x93 build");
+    ev.ref = id_of(7);
+    ev.author = KL_AUTHOR_ASSISTANT;
     for (int i = 0; i < 16; i++)
         ev.idem_fp[i] = (uint8_t)(0x10 * i + 7);
     return ev;
@@ -186,7 +190,14 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
     STR_FIELD(KL_F_COMMENT, comment);
     STR_FIELD(KL_F_PREFIX, prefix);
     STR_FIELD(KL_F_IDEM, idem_key);
+    STR_FIELD(KL_F_TITLE, title);
+    STR_FIELD(KL_F_CONTENT, content);
 #undef STR_FIELD
+    if (h & KL_F_REF)
+        assert_memory_equal(got->ref.b, want->ref.b, 16);
+    else
+        assert_true(kl_id_is_zero(&got->ref));
+    assert_int_equal(got->author, h & KL_F_AUTHOR ? want->author : KL_AUTHOR_NONE);
     assert_int_equal(got->role, h & KL_F_ROLE ? want->role : KL_ROLE_NONE);
     if (h & KL_F_OWNER) {
         assert_int_equal(got->owner_type, want->owner_type);
@@ -322,11 +333,19 @@ static const spec catalogue[] = {
     {KL_EV_AUTH_FAILED, "AuthFailed", KL_CAT_AUTH, 0, 0},
     {KL_EV_ALERT_RAISED, "AlertRaised", KL_CAT_ALERTS, 0, 0},
     {KL_EV_ALERT_ACKNOWLEDGED, "AlertAcknowledged", KL_CAT_ALERTS, 0, 0},
-    {KL_EV_COMPUTER_CREATED, "ComputerCreated", KL_CAT_RESOURCES, 0, 0},
-    {KL_EV_COMPUTER_RESTARTED, "ComputerRestarted", KL_CAT_RESOURCES, 0, 0},
-    {KL_EV_COMPUTER_DELETED, "ComputerDeleted", KL_CAT_RESOURCES, 0, 0},
-    {KL_EV_SESSION_CREATED, "SessionCreated", KL_CAT_RESOURCES, 0, 0},
-    {KL_EV_MESSAGE_POSTED, "MessagePosted", KL_CAT_RESOURCES, 0, 0},
+    {KL_EV_COMPUTER_CREATED, "ComputerCreated", KL_CAT_RESOURCES,
+     KL_F_ID | KL_F_NAME | KL_F_OWNER, KL_F_ID | KL_F_NAME | KL_F_OWNER | KL_F_IDEM},
+    {KL_EV_COMPUTER_RESTARTED, "ComputerRestarted", KL_CAT_RESOURCES, KL_F_ID,
+     KL_F_ID | KL_F_IDEM},
+    {KL_EV_COMPUTER_DELETED, "ComputerDeleted", KL_CAT_RESOURCES, KL_F_ID,
+     KL_F_ID | KL_F_IDEM},
+    {KL_EV_SESSION_CREATED, "SessionCreated", KL_CAT_RESOURCES, KL_F_ID,
+     KL_F_ID | KL_F_TITLE | KL_F_REF | KL_F_IDEM},
+    {KL_EV_MESSAGE_POSTED, "MessagePosted", KL_CAT_RESOURCES,
+     KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT,
+     KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT | KL_F_IDEM},
+    {KL_EV_SESSION_DELETED, "SessionDeleted", KL_CAT_RESOURCES, KL_F_ID,
+     KL_F_ID | KL_F_IDEM},
 };
 enum { NCAT = sizeof catalogue / sizeof catalogue[0] };
 
@@ -824,7 +843,7 @@ static void b_four(msgpack_packer *pk) { msgpack_pack_uint8(pk, 4); }
 static void b_five(msgpack_packer *pk) { msgpack_pack_uint8(pk, 5); }
 static void b_long_str(msgpack_packer *pk)
 {
-    static char s[4098];
+    static char s[65538];          /* one more than any string may hold */
     memset(s, 'a', sizeof s - 1);
     s[sizeof s - 1] = '\0';
     p_str(pk, s);

@@ -254,6 +254,37 @@ static void dump_sa(kl_buf *b, const kl_sa *s)
                   (long long)s->deactivated_at, (unsigned long long)s->version);
 }
 
+static void dump_computer(kl_buf *b, const kl_computer *m)
+{
+    char a[33], c[33], d[33];
+    kl_buf_printf(b, "computer %s name=[%s] owner=%d:%s by=%d:%s deleted=%d "
+                  "at=%lld/%lld/%lld v=%llu\n",
+                  idtxt(&m->id, a), m->name, m->owner.type, idtxt(&m->owner.id, c),
+                  m->created_by.type, idtxt(&m->created_by.id, d), m->deleted,
+                  (long long)m->created_at, (long long)m->updated_at,
+                  (long long)m->restarted_at, (unsigned long long)m->version);
+}
+
+static void dump_session(kl_buf *b, const kl_session *s)
+{
+    char a[33], c[33], d[33];
+    kl_buf_printf(b, "session %s title=[%s] computer=%s by=%d:%s deleted=%d "
+                  "at=%lld/%lld v=%llu messages=%u\n",
+                  idtxt(&s->id, a), s->title ? s->title : "(none)",
+                  idtxt(&s->computer, c), s->created_by.type,
+                  idtxt(&s->created_by.id, d), s->deleted, (long long)s->created_at,
+                  (long long)s->updated_at, (unsigned long long)s->version,
+                  s->messages.len);
+    for (uint32_t i = 0; i < s->messages.len; i++) {
+        const kl_message *m = s->messages.items[i];
+        assert_ptr_equal(m->session, s);
+        kl_buf_printf(b, "  message %s author=%d by=%d:%s at=%lld [%s]\n",
+                      idtxt(&m->id, a), m->author, m->created_by.type,
+                      idtxt(&m->created_by.id, d), (long long)m->created_at,
+                      m->content);
+    }
+}
+
 /* Everything reachable: orgs in order with their lists, then every entity
  * by the ids the world made (deleted ones are only found that way), the
  * idempotency records and the counts. */
@@ -277,6 +308,10 @@ static char *dump(const world *w, const kl_proj *p)
             dump_sa(&b, o->sas.items[j]);
         for (uint32_t j = 0; j < o->keys.len; j++)
             dump_key(&b, p, o->keys.items[j]);
+        for (uint32_t j = 0; j < o->computers.len; j++)
+            dump_computer(&b, o->computers.items[j]);
+        for (uint32_t j = 0; j < o->sessions.len; j++)
+            dump_session(&b, o->sessions.items[j]);
     }
     kl_buf_printf(&b, "all:\n");
     for (size_t i = 0; i < w->nusers; i++)
@@ -681,7 +716,7 @@ static void test_owner_enabled(void **state)
     assert_true(s->deleted);
     assert_false(s->active);
     assert_false(kl_key_owner_enabled(sk));
-    assert_int_equal(o->sas.len, 0);
+    assert_int_equal(o->sas.len, 1);       /* kept: its name stays taken */
     assert_ptr_equal(kl_proj_sa(w->p, &sid), s);
     assert_int_equal(s->version, 4);
     world_free(w);
@@ -848,6 +883,113 @@ static void usage(world *w, const kl_id *key, int64_t last_used)
     ev.failures = 1;
     ev.last_used = last_used;
     apply_ok(w, &ev);
+}
+
+/* Computers, sessions and messages: attribution, lifecycle, and the events
+ * that do not fit. */
+static void test_resources(void **state)
+{
+    (void)state;
+    world *w = world_new();
+    org_created(w, "a");
+    kl_id owner = user_invited(w, "a@a.io", KL_ROLE_OWNER);
+    w->actor = (kl_actor){KL_PRINCIPAL_USER, owner, {{0}}};
+    kl_id sa = sa_created(w, "bot", KL_ROLE_MANAGER);
+    kl_id off = sa_created(w, "off", KL_ROLE_MANAGER);
+    simple(w, KL_EV_SA_DEACTIVATED, &off);
+
+    kl_event ev = ev_make(w, KL_EV_COMPUTER_CREATED);
+    ev.has = KL_F_ID | KL_F_NAME | KL_F_OWNER;
+    ev.id = new_id(w);
+    ev.name = S("box");
+    ev.owner_type = KL_PRINCIPAL_SA;
+    ev.owner = sa;
+    apply_ok(w, &ev);
+    kl_id cmp = ev.id;
+    kl_computer *m = kl_proj_computer(w->p, &cmp);
+    assert_non_null(m);
+    assert_string_equal(m->name, "box");
+    assert_int_equal(m->owner.type, KL_PRINCIPAL_SA);
+    assert_true(kl_id_eq(&m->created_by.id, &owner));
+    assert_int_equal(m->version, 1);
+    ev.id = new_id(w);
+    ev.owner = off;
+    apply_misfit(w, &ev, "a computer for a deactivated service account");
+    ev.owner_type = KL_PRINCIPAL_USER;
+    ev.owner = sa;
+    apply_misfit(w, &ev, "a service account's id as a user owner");
+    ev.id = cmp;
+    ev.owner = owner;
+    apply_misfit(w, &ev, "duplicate computer id");
+
+    simple(w, KL_EV_COMPUTER_RESTARTED, &cmp);
+    assert_int_equal(m->restarted_at, w->ts);
+    assert_int_equal(m->version, 2);
+
+    ev = ev_make(w, KL_EV_SESSION_CREATED);
+    ev.has = KL_F_ID | KL_F_TITLE | KL_F_REF;
+    ev.id = new_id(w);
+    ev.title = S("deploy");
+    ev.ref = cmp;
+    apply_ok(w, &ev);
+    kl_id ses = ev.id;
+    kl_session *s = kl_proj_session(w->p, &ses);
+    assert_string_equal(s->title, "deploy");
+    assert_true(kl_id_eq(&s->computer, &cmp));
+    ev.id = new_id(w);
+    ev.ref = new_id(w);
+    apply_misfit(w, &ev, "a session on an unknown computer");
+
+    for (int i = 0; i < 3; i++) {
+        ev = ev_make(w, KL_EV_MESSAGE_POSTED);
+        ev.has = KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT;
+        ev.id = new_id(w);
+        ev.ref = ses;
+        ev.author = i % 2 ? KL_AUTHOR_ASSISTANT : KL_AUTHOR_USER;
+        ev.content = S(i % 2 ? "done" : "go");
+        apply_ok(w, &ev);
+        assert_ptr_equal(kl_proj_message(w->p, &ev.id), s->messages.items[i]);
+    }
+    assert_int_equal(s->messages.len, 3);
+    apply_misfit(w, &ev, "duplicate message id");
+
+    simple(w, KL_EV_COMPUTER_DELETED, &cmp);
+    assert_true(m->deleted);
+    ev = id_event(w, KL_EV_COMPUTER_RESTARTED, &cmp);
+    apply_misfit(w, &ev, "restarting a deleted computer");
+    ev = ev_make(w, KL_EV_SESSION_CREATED);
+    ev.has = KL_F_ID | KL_F_REF;
+    ev.id = new_id(w);
+    ev.ref = cmp;
+    apply_misfit(w, &ev, "a session on a deleted computer");
+
+    simple(w, KL_EV_SESSION_DELETED, &ses);
+    assert_true(s->deleted);
+    ev = ev_make(w, KL_EV_MESSAGE_POSTED);
+    ev.has = KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT;
+    ev.id = new_id(w);
+    ev.ref = ses;
+    ev.author = KL_AUTHOR_USER;
+    ev.content = S("late");
+    apply_misfit(w, &ev, "a message to a deleted session");
+
+    /* Service account names stay taken after deletion. */
+    simple(w, KL_EV_SA_DELETED, &sa);
+    ev = ev_make(w, KL_EV_SA_CREATED);
+    ev.has = KL_F_ID | KL_F_NAME | KL_F_ROLE;
+    ev.id = new_id(w);
+    ev.name = S("bot");
+    ev.role = KL_ROLE_MEMBER;
+    apply_misfit(w, &ev, "reusing a deleted service account's name");
+    const kl_org *o = kl_proj_org(w->p, &w->org);
+    assert_ptr_equal(kl_proj_sa_by_name(o, "bot", 3), kl_proj_sa(w->p, &sa));
+    assert_null(kl_proj_sa_by_name(o, "bo", 2));
+
+    kl_proj_stats st;
+    kl_proj_stats_get(w->p, &st);
+    assert_int_equal(st.computers, 1);
+    assert_int_equal(st.sessions, 1);
+    world_free(w);
 }
 
 static void test_usage_last_used(void **state)
@@ -1302,6 +1444,7 @@ int main(void)
         cmocka_unit_test(test_role_follows_owner),
         cmocka_unit_test(test_owner_enabled),
         cmocka_unit_test(test_misfits_leave_state_unchanged),
+        cmocka_unit_test(test_resources),
         cmocka_unit_test(test_usage_last_used),
         cmocka_unit_test(test_pagination),
         cmocka_unit_test(test_idempotency_records),
