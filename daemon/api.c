@@ -117,8 +117,31 @@ static kl_key *key_for_secret(kl_daemon *d, const char *secret, int64_t now)
     if (!match && k->old_until > now)
         match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
     bool ok = match && kl_key_usable(k, now);
-    kl_usage_note(d->usage, k, ok, now);
+    if (!ok)
+        kl_usage_note(d->usage, k, false, (kl_str){"", 0}, 1, now);
     return ok ? k : NULL;
+}
+
+void kl_api_ratelimit_headers(const kl_ratelimit *rl, int64_t now, bool retry,
+                              char *out, size_t len)
+{
+    out[0] = '\0';
+    if (rl->limit == 0)
+        return;
+    static const struct { const char *name; long seconds; } WINDOWS[] = {
+        {"minute", 60}, {"org-minute", 60}, {"day", 86400}, {"org-day", 86400},
+        {"org-month", 2678400}};
+    long w = 60;
+    for (size_t i = 0; i < sizeof WINDOWS / sizeof WINDOWS[0]; i++)
+        if (strcmp(WINDOWS[i].name, rl->window) == 0)
+            w = WINDOWS[i].seconds;
+    long t = rl->reset_at > now ? (long)((rl->reset_at - now + 999) / 1000) : 0;
+    int n = snprintf(out, len, "RateLimit-Policy: \"%s\";q=%llu;w=%ld\r\n"
+                     "RateLimit: \"%s\";r=%llu;t=%ld\r\n", rl->window,
+                     (unsigned long long)rl->limit, w, rl->window,
+                     (unsigned long long)rl->remaining, t);
+    if (retry && n > 0 && (size_t)n < len)
+        snprintf(out + n, len - (size_t)n, "Retry-After: %ld\r\n", t > 0 ? t : 1);
 }
 
 int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
@@ -136,6 +159,18 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
     OPENSSL_cleanse(secret, sizeof secret);
     if (k == NULL) {
         kl_api_error(req, 401, "unauthenticated", BAD_KEY, NULL);
+        return -1;
+    }
+    kl_ratelimit rl;
+    kl_rl_verdict v = kl_usage_admit(d->usage, k, 1, now, &rl);
+    kl_usage_note(d->usage, k, v == KL_RL_OK, (kl_str){"", 0}, 1, now);
+    if (v != KL_RL_OK) {
+        char headers[256];
+        kl_api_ratelimit_headers(&rl, now, true, headers, sizeof headers);
+        kl_http_respond_error(req, 429, "rate_limited",
+                              v == KL_RL_RATE ? "rate limit exceeded: slow down"
+                                              : "usage quota exceeded",
+                              NULL, headers);
         return -1;
     }
     kl_key_touch(k, now);

@@ -21,6 +21,7 @@ void kl_config_defaults(kl_config *cfg)
     kl_http_config_defaults(&cfg->http);
     cfg->log_level = KL_INFO;
     cfg->usage_flush_ms = 1000;
+    cfg->verify_failures_per_minute = 100;
 }
 
 int kl_config_listen(kl_config *cfg, const char *text, kl_err *err)
@@ -86,6 +87,8 @@ static const field fields[] = {
     {"request_timeout_ms", T_UINT, OFF(http.request_timeout_ms), 10, 3600000},
     {"max_requests_per_conn", T_UINT, OFF(http.max_requests_per_conn), 0, UINT32_MAX},
     {"usage_flush_ms", T_UINT, OFF(usage_flush_ms), 10, 3600000},
+    {"verify_failures_per_minute", T_UINT, OFF(verify_failures_per_minute), 1,
+     UINT32_MAX},
     {"segment_bytes", T_U64, OFF(segment_bytes), 4096, 1ull << 40},
     {"allow_query_key", T_BOOL, OFF(allow_query_key), 0, 0},
     {"listen", T_STRING, 0, 0, 0},

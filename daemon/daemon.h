@@ -32,6 +32,7 @@ typedef struct kl_config {
     kl_http_config http;
     kl_level log_level;
     unsigned usage_flush_ms;    /* how often usage counts are written */
+    unsigned verify_failures_per_minute; /* per client address, then 429 */
 } kl_config;
 
 void kl_config_defaults(kl_config *cfg);
@@ -47,6 +48,7 @@ typedef struct kl_cmd kl_cmd;
 typedef struct kl_commit kl_commit;
 typedef struct kl_idem_cache kl_idem_cache;
 typedef struct kl_usage kl_usage;
+typedef struct kl_throttle kl_throttle;
 
 typedef struct kl_daemon {
     kl_config cfg;
@@ -59,6 +61,7 @@ typedef struct kl_daemon {
     kl_idgen ids;
     kl_idem_cache *idem;
     kl_usage *usage;
+    kl_throttle *throttle;      /* failed verifications per address */
     kl_log_reader *reader;      /* audit reads; opened on first use */
     bool ready;                 /* replay done */
     bool stopping;
@@ -146,11 +149,38 @@ const char *kl_commit_unavailable(const kl_commit *c);
 /* ---- usage (usage.c) -------------------------------------------------- */
 
 int kl_usage_new(kl_daemon *d, unsigned interval_ms, kl_usage **out);
-/* A call with key k: accepted, or refused (wrong secret, expired, ...). */
-void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, int64_t now);
+/* `n` calls with key k: accepted, or refused (wrong secret, expired, over
+ * a limit, ...), naming `flow` (empty: none). */
+void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, kl_str flow,
+                   uint32_t n, int64_t now);
+
+/* The tightest of a key's and its org's windows (limit 0: no window). */
+typedef struct kl_ratelimit {
+    const char *window;         /* "minute", "day", "org-minute", ... */
+    uint64_t limit, remaining;
+    int64_t reset_at;           /* ms */
+} kl_ratelimit;
+
+typedef enum {
+    KL_RL_OK = 0,
+    KL_RL_RATE,                 /* a per-minute window is full */
+    KL_RL_QUOTA                 /* a day or month quota is used up */
+} kl_rl_verdict;
+
+/* May k make `cost` more calls now? If so they are taken from every
+ * window. *rl describes the tightest window either way. */
+kl_rl_verdict kl_usage_admit(kl_usage *u, kl_key *k, uint32_t cost, int64_t now,
+                             kl_ratelimit *rl);
 /* Write what was counted since the last flush (timer, and at shutdown). */
 void kl_usage_flush(kl_usage *u);
 void kl_usage_free(kl_usage *u);
+
+/* ---- verification (verify.c) ------------------------------------------ */
+
+/* Sets up what verification needs (the throttle table, jansson's
+ * allocator); once, before serving. */
+int kl_verify_init(kl_daemon *d);
+void kl_verify_free(kl_daemon *d);
 
 /* ---- idempotency (idem.c) -------------------------------------------- */
 
@@ -178,6 +208,7 @@ extern const kl_http_route kl_routes[];
 void kl_h_healthz(kl_http_request *req);
 void kl_h_readyz(kl_http_request *req);
 void kl_h_me(kl_http_request *req);
+void kl_h_verify(kl_http_request *req);
 void kl_h_org(kl_http_request *req);
 void kl_h_keys_create(kl_http_request *req);
 void kl_h_keys_list(kl_http_request *req);
@@ -277,6 +308,11 @@ int kl_api_only_fields(kl_http_request *req, json_t *obj, const char *parent,
                        const char *const *allowed);
 void kl_api_bad_arg(kl_http_request *req, const char *field, const char *message);
 
+/* RateLimit-Policy and RateLimit (IETF httpapi draft) for rl, and
+ * Retry-After when `retry`, as header lines into out ("" without a
+ * window). */
+void kl_api_ratelimit_headers(const kl_ratelimit *rl, int64_t now, bool retry,
+                              char *out, size_t len);
 /* Answers: JSON body (dumped and freed), error. */
 void kl_api_json(kl_http_request *req, int status, json_t *body,
                  const char *headers);

@@ -208,7 +208,8 @@ int main(int argc, char **argv)
         return 1;
     if (kl_proj_new(&d->proj) != KL_OK || kl_idem_cache_new(&d->idem) != KL_OK ||
         kl_commit_new(d, &d->commit) != KL_OK ||
-        kl_usage_new(d, d->cfg.usage_flush_ms, &d->usage) != KL_OK) {
+        kl_usage_new(d, d->cfg.usage_flush_ms, &d->usage) != KL_OK ||
+        kl_verify_init(d) != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "out of memory at startup");
         return 1;
     }
@@ -246,6 +247,7 @@ int main(int argc, char **argv)
 
     kl_http_server_free(d->http);
     kl_idem_cache_free(d->idem);
+    kl_verify_free(d);
     kl_proj_free(d->proj);
     kl_log_reader_close(d->reader);
     kl_log_close(d->log);

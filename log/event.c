@@ -24,7 +24,8 @@
  *   access uint + flows [str], rl [minute, day], lim [minute, day, month],
  *   exp int (0 = never), grace int, active bool, idem [key str, fp bin16],
  *   usage [from int, to int, successes uint, failures uint, last_used int],
- *   title str, ref bin16, content str, author uint
+ *   title str, ref bin16, content str, author uint,
+ *   fl [[flow str, successes uint, failures uint], ...] (UsageRecorded v2)
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -87,8 +88,8 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
         KL_F_ID, KL_F_ID | KL_F_IDEM},
     [KL_EV_USAGE_LIMITS_CHANGED] = {"UsageLimitsChanged", 1, KL_CAT_CONTROL,
         KL_F_LIMITS, KL_F_LIMITS | KL_F_IDEM},
-    [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 1, KL_CAT_USAGE,
-        KL_F_ID | KL_F_USAGE, KL_F_ID | KL_F_USAGE},
+    [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 2, KL_CAT_USAGE,
+        KL_F_ID | KL_F_USAGE, KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
     [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, 0, 0},
     [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS, 0, 0},
     [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS, 0, 0},
@@ -228,10 +229,11 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
         ((ev->has & KL_F_AUTHOR) &&
          (ev->author < KL_AUTHOR_USER || ev->author > KL_AUTHOR_ASSISTANT)) ||
         ((ev->has & KL_F_ACCESS) &&
-         (ev->access < KL_ACCESS_FULL || ev->access > KL_ACCESS_FLOWS ||
-          ev->nflows > KL_MAX_FLOWS)))
+         (ev->access < KL_ACCESS_FULL || ev->access > KL_ACCESS_FLOWS)) ||
+        ev->nflows > KL_MAX_FLOWS)
         return KL_EINVAL;
-    for (uint32_t i = 0; (ev->has & KL_F_ACCESS) && i < ev->nflows; i++)
+    for (uint32_t i = 0; (ev->has & (KL_F_ACCESS | KL_F_FLOW_USAGE)) && i < ev->nflows;
+         i++)
         if (ev->flows[i].len > MAX_STR)
             return KL_EINVAL;
 
@@ -304,6 +306,14 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
              msgpack_pack_uint32(&pk, ev->successes) ||
              msgpack_pack_uint32(&pk, ev->failures) ||
              msgpack_pack_int64(&pk, ev->last_used);
+    if (!rc && (has & KL_F_FLOW_USAGE)) {
+        rc = pack_key(&pk, "fl") || msgpack_pack_array(&pk, ev->nflows);
+        for (uint32_t i = 0; !rc && i < ev->nflows; i++)
+            rc = msgpack_pack_array(&pk, 3) ||
+                 pack_str(&pk, ev->flows[i].ptr, ev->flows[i].len) ||
+                 msgpack_pack_uint32(&pk, ev->flow_successes[i]) ||
+                 msgpack_pack_uint32(&pk, ev->flow_failures[i]);
+    }
     if (!rc && (has & KL_F_TITLE))
         rc = pack_key(&pk, "title") || pack_str(&pk, ev->title.ptr, ev->title.len);
     if (!rc && (has & KL_F_REF))
@@ -432,6 +442,19 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
     }
     if (key_is(k, "hash"))
         return get_bin(v, ev->hash, KL_HASH_LEN) ? KL_F_HASH : 0;
+    if (key_is(k, "fl")) {
+        if (v->type != MSGPACK_OBJECT_ARRAY || v->via.array.size > KL_MAX_FLOWS)
+            return 0;
+        ev->nflows = v->via.array.size;
+        for (uint32_t i = 0; i < ev->nflows; i++) {
+            a = &v->via.array.ptr[i];
+            if (!is_array(a, 3) || !get_str(&a->via.array.ptr[0], &ev->flows[i]) ||
+                !get_u32(&a->via.array.ptr[1], &ev->flow_successes[i]) ||
+                !get_u32(&a->via.array.ptr[2], &ev->flow_failures[i]))
+                return 0;
+        }
+        return KL_F_FLOW_USAGE;
+    }
     if (key_is(k, "title"))
         return get_str(v, &ev->title) ? KL_F_TITLE : 0;
     if (key_is(k, "ref"))

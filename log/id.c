@@ -196,6 +196,30 @@ void kl_time_format(int64_t ms, char out[KL_TIME_TEXT_LEN + 1])
     out[24] = '\0';
 }
 
+static int64_t floor_div(int64_t a, int64_t b)
+{
+    return a >= 0 ? a / b : (a - b + 1) / b;
+}
+
+int64_t kl_time_hour_start(int64_t ms) { return floor_div(ms, 3600000) * 3600000; }
+int64_t kl_time_day_start(int64_t ms) { return floor_div(ms, 86400000) * 86400000; }
+
+int64_t kl_time_month_start(int64_t ms)
+{
+    int64_t y;
+    unsigned m, d;
+    civil_from_days(floor_div(ms, 86400000), &y, &m, &d);
+    return days_from_civil(y, m, 1) * 86400000;
+}
+
+int64_t kl_time_next_month(int64_t ms)
+{
+    int64_t y;
+    unsigned m, d;
+    civil_from_days(floor_div(ms, 86400000), &y, &m, &d);
+    return days_from_civil(m == 12 ? y + 1 : y, m == 12 ? 1 : m + 1, 1) * 86400000;
+}
+
 static int digits(const char *s, size_t n, unsigned *out)
 {
     unsigned v = 0;

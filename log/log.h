@@ -118,6 +118,12 @@ void kl_time_format(int64_t ms, char out[KL_TIME_TEXT_LEN + 1]);
  * +hh:mm / -hh:mm offsets. */
 int kl_time_parse(const char *s, size_t len, int64_t *ms_out);
 int64_t kl_now_ms(void);
+/* UTC windows: the start of the hour, day and month holding `ms`, and the
+ * start of the month after it. */
+int64_t kl_time_hour_start(int64_t ms);
+int64_t kl_time_day_start(int64_t ms);
+int64_t kl_time_month_start(int64_t ms);
+int64_t kl_time_next_month(int64_t ms);
 
 /* ---- checksums ------------------------------------------------------- */
 
@@ -211,7 +217,8 @@ enum {
     KL_F_REF = 1u << 19,         /* the entity this one belongs to: a
                                     session's computer, a message's session */
     KL_F_CONTENT = 1u << 20,
-    KL_F_AUTHOR = 1u << 21       /* a message's role: user or assistant */
+    KL_F_AUTHOR = 1u << 21,      /* a message's role: user or assistant */
+    KL_F_FLOW_USAGE = 1u << 22   /* usage by flow: flows[i] with counts */
 };
 
 typedef struct kl_actor {
@@ -257,6 +264,9 @@ typedef struct kl_event {
      * owner disabled), and the last accepted use (0 = none in the period). */
     int64_t usage_from, usage_to, last_used;
     uint32_t successes, failures;
+    /* ... and by flow (KL_F_FLOW_USAGE, version 2): the calls that named
+     * flows[i] (names in `flows`, nflows of them). */
+    uint32_t flow_successes[KL_MAX_FLOWS], flow_failures[KL_MAX_FLOWS];
 } kl_event;
 
 typedef enum {

@@ -123,6 +123,9 @@ int kl_proj_new(kl_proj **out)
 
 static void key_free(kl_key *k)
 {
+    if (k->usage != NULL)
+        free(k->usage->items);
+    free(k->usage);
     free(k->strings);
     free(k->revoked_comment);
     free(k);
@@ -145,6 +148,9 @@ static void org_free(void *p)
     free(o->keys.items);
     free(o->computers.items);
     free(o->sessions.items);
+    for (uint32_t i = 0; i < o->nflow_names; i++)
+        free(o->flow_names[i]);
+    free(o->flow_names);
     free(o->history);
     free(o);
 }
@@ -614,6 +620,69 @@ static int apply_message(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
 }
 
 /* Usage of a key, deleted or not (its history stays). */
+/* The flow's number in the org (index + 1), made on first use; 0 when the
+ * org already knows MAX_FLOW_NAMES flows (their calls still count in the
+ * totals). */
+enum { MAX_FLOW_NAMES = 1024 };
+
+static int flow_number(kl_org *o, kl_str name, uint32_t *out)
+{
+    for (uint32_t i = 0; i < o->nflow_names; i++) {
+        if (strlen(o->flow_names[i]) == name.len &&
+            memcmp(o->flow_names[i], name.ptr, name.len) == 0) {
+            *out = i + 1;
+            return KL_OK;
+        }
+    }
+    *out = 0;
+    if (o->nflow_names == MAX_FLOW_NAMES)
+        return KL_OK;
+    if (o->nflow_names == o->cap_flow_names) {
+        uint32_t cap = o->cap_flow_names ? o->cap_flow_names * 2 : 8;
+        char **names = realloc(o->flow_names, cap * sizeof *names);
+        if (names == NULL)
+            return KL_ENOMEM;
+        o->flow_names = names;
+        o->cap_flow_names = cap;
+    }
+    if ((o->flow_names[o->nflow_names] = str_dup(name)) == NULL)
+        return KL_ENOMEM;
+    *out = ++o->nflow_names;
+    return KL_OK;
+}
+
+/* Adds counts to the key's bucket for (hour, flow), made where the hour
+ * order wants it (usage arrives in time order, so almost always at the
+ * end). */
+static int bucket_add(kl_key *k, int64_t hour, uint32_t flow, uint32_t ok,
+                      uint32_t failed)
+{
+    if (k->usage == NULL && (k->usage = calloc(1, sizeof *k->usage)) == NULL)
+        return KL_ENOMEM;
+    kl_usage_series *s = k->usage;
+    uint32_t i = s->len;
+    for (; i > 0 && s->items[i - 1].hour >= hour; i--) {
+        kl_usage_bucket *b = &s->items[i - 1];
+        if (b->hour == hour && b->flow == flow) {
+            b->successes += ok;
+            b->failures += failed;
+            return KL_OK;
+        }
+    }
+    if (s->len == s->cap) {
+        uint32_t cap = s->cap ? s->cap * 2 : 4;
+        kl_usage_bucket *items = realloc(s->items, cap * sizeof *items);
+        if (items == NULL)
+            return KL_ENOMEM;
+        s->items = items;
+        s->cap = cap;
+    }
+    memmove(&s->items[i + 1], &s->items[i], (s->len - i) * sizeof *s->items);
+    s->items[i] = (kl_usage_bucket){hour, flow, ok, failed};
+    s->len++;
+    return KL_OK;
+}
+
 static int apply_usage(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
 {
     kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
@@ -621,7 +690,32 @@ static int apply_usage(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
         return misfit(err, ev, "usage of a key not in the organization");
     if (ev->last_used > k->last_used_at)
         k->last_used_at = ev->last_used;
-    return KL_OK;
+    int64_t hour = kl_time_hour_start(ev->usage_from);
+    int rc = bucket_add(k, hour, 0, ev->successes, ev->failures);
+    for (uint32_t i = 0; rc == KL_OK && (ev->has & KL_F_FLOW_USAGE) && i < ev->nflows;
+         i++) {
+        uint32_t flow;
+        rc = flow_number(o, ev->flows[i], &flow);
+        if (rc == KL_OK && flow != 0)
+            rc = bucket_add(k, hour, flow, ev->flow_successes[i], ev->flow_failures[i]);
+    }
+    /* The org's quotas count accepted calls in the current day and month;
+     * a late event for an earlier window changes neither. */
+    int64_t day = kl_time_day_start(ev->usage_from);
+    int64_t month = kl_time_month_start(ev->usage_from);
+    if (day > o->used_day_start) {
+        o->used_day_start = day;
+        o->used_day = 0;
+    }
+    if (day == o->used_day_start)
+        o->used_day += ev->successes;
+    if (month > o->used_month_start) {
+        o->used_month_start = month;
+        o->used_month = 0;
+    }
+    if (month == o->used_month_start)
+        o->used_month += ev->successes;
+    return rc;
 }
 
 static int apply_limits(kl_org *o, const kl_event *ev)
@@ -826,6 +920,28 @@ kl_sa *kl_proj_sa_by_name(const kl_org *org, const char *name, size_t len)
             return s;
     }
     return NULL;
+}
+
+uint64_t kl_key_used_since(const kl_key *k, int64_t since)
+{
+    uint64_t n = 0;
+    int64_t hour = kl_time_hour_start(since);
+    if (k->usage == NULL)
+        return 0;
+    for (uint32_t i = k->usage->len; i > 0 && k->usage->items[i - 1].hour >= hour; i--)
+        if (k->usage->items[i - 1].flow == 0)
+            n += k->usage->items[i - 1].successes;
+    return n;
+}
+
+uint64_t kl_org_used_day(const kl_org *o, int64_t now)
+{
+    return o->used_day_start == kl_time_day_start(now) ? o->used_day : 0;
+}
+
+uint64_t kl_org_used_month(const kl_org *o, int64_t now)
+{
+    return o->used_month_start == kl_time_month_start(now) ? o->used_month : 0;
 }
 
 kl_key_status kl_key_status_at(const kl_key *k, int64_t now)

@@ -42,6 +42,13 @@ typedef struct kl_org {
     kl_vec computers;           /* kl_computer *, deleted ones included */
     kl_vec sessions;            /* kl_session *, deleted ones included */
     uint32_t active_owners;
+    /* Flow ids seen in usage, numbered in order of first use. */
+    char **flow_names;
+    uint32_t nflow_names, cap_flow_names;
+    /* Accepted calls of all keys in the current UTC day and month, from
+     * UsageRecorded: the org's quotas survive a restart. */
+    int64_t used_day_start, used_month_start;
+    uint64_t used_day, used_month;
     /* Every event of the org, oldest first, as seq << 8 | type: what the
      * audit queries walk (the events themselves stay in the log). */
     uint64_t *history;
@@ -75,6 +82,19 @@ typedef struct kl_sa {
     uint64_t version;
 } kl_sa;
 
+/* A key's use in one hour: all its calls (flow 0), or those that named one
+ * flow (flow i + 1: the org's flow_names[i]). */
+typedef struct kl_usage_bucket {
+    int64_t hour;               /* start, ms */
+    uint32_t flow;
+    uint32_t successes, failures;
+} kl_usage_bucket;
+
+typedef struct kl_usage_series {
+    kl_usage_bucket *items;     /* in hour order */
+    uint32_t len, cap;
+} kl_usage_series;
+
 typedef struct kl_key {
     kl_id id;
     kl_org *org;
@@ -103,7 +123,8 @@ typedef struct kl_key {
     kl_ref revoked_by;
     char *revoked_comment;
     uint64_t version;
-    uint32_t usage_slot;        /* the daemon's unflushed usage entry + 1;
+    kl_usage_series *usage;     /* NULL until used */
+    uint32_t usage_slot;        /* the daemon's usage entry + 1;
                                    not state: the fold never reads it */
 } kl_key;
 
@@ -213,6 +234,13 @@ bool kl_key_usable(const kl_key *k, int64_t now);
 void kl_key_touch(kl_key *k, int64_t now);
 /* The role the key acts with now: its owner's current role. */
 kl_role kl_key_role(const kl_key *k);
+
+/* Accepted calls with the key since `since` (ms, rounded down to its hour),
+ * as recorded in the log. */
+uint64_t kl_key_used_since(const kl_key *k, int64_t since);
+/* The org's recorded accepted calls in the day / month holding `now`. */
+uint64_t kl_org_used_day(const kl_org *o, int64_t now);
+uint64_t kl_org_used_month(const kl_org *o, int64_t now);
 
 /* Counts, for metrics and memory figures. */
 typedef struct kl_proj_stats {

@@ -102,6 +102,10 @@ static kl_event full_event(kl_event_type t, uint32_t has)
     ev.content = S("deploy the \xe2\x9c\x93 build");
     ev.ref = id_of(7);
     ev.author = KL_AUTHOR_ASSISTANT;
+    for (uint32_t i = 0; i < ev.nflows; i++) {
+        ev.flow_successes[i] = 1000 * i + 1;
+        ev.flow_failures[i] = i == 2 ? UINT32_MAX : i;
+    }
     for (int i = 0; i < 16; i++)
         ev.idem_fp[i] = (uint8_t)(0x10 * i + 7);
     return ev;
@@ -161,7 +165,7 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
                            const uint8_t *payload, size_t len)
 {
     assert_int_equal(got->type, want->type);
-    assert_int_equal(got->version, 1);
+    assert_int_equal(got->version, want->type == KL_EV_USAGE_RECORDED ? 2 : 1);
     assert_int_equal(got->ts, want->ts);
     assert_memory_equal(got->org.b, want->org.b, 16);
     assert_int_equal(got->actor.type, want->actor.type);
@@ -211,16 +215,20 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
     else
         assert_zero(got->hash, KL_HASH_LEN);
     assert_int_equal(got->env, h & KL_F_ENV ? want->env : KL_ENV_NONE);
-    if (h & KL_F_ACCESS) {
-        assert_int_equal(got->access, want->access);
+    assert_int_equal(got->access, h & KL_F_ACCESS ? want->access : KL_ACCESS_NONE);
+    if (h & (KL_F_ACCESS | KL_F_FLOW_USAGE)) {
         assert_int_equal(got->nflows, want->nflows);
         for (uint32_t i = 0; i < want->nflows; i++) {
             assert_str_eq(got->flows[i], want->flows[i]);
             assert_in(got->flows[i], payload, len);
         }
     } else {
-        assert_int_equal(got->access, KL_ACCESS_NONE);
         assert_int_equal(got->nflows, 0);
+    }
+    for (uint32_t i = 0; i < KL_MAX_FLOWS; i++) {
+        bool fu = (h & KL_F_FLOW_USAGE) && i < want->nflows;
+        assert_int_equal(got->flow_successes[i], fu ? want->flow_successes[i] : 0);
+        assert_int_equal(got->flow_failures[i], fu ? want->flow_failures[i] : 0);
     }
     assert_int_equal(got->rl_minute, h & KL_F_RATE_LIMIT ? want->rl_minute : 0);
     assert_int_equal(got->rl_day, h & KL_F_RATE_LIMIT ? want->rl_day : 0);
@@ -329,7 +337,7 @@ static const spec catalogue[] = {
     {KL_EV_USAGE_LIMITS_CHANGED, "UsageLimitsChanged", KL_CAT_CONTROL,
      KL_F_LIMITS, KL_F_LIMITS | KL_F_IDEM},
     {KL_EV_USAGE_RECORDED, "UsageRecorded", KL_CAT_USAGE, KL_F_ID | KL_F_USAGE,
-     KL_F_ID | KL_F_USAGE},
+     KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
     {KL_EV_AUTH_FAILED, "AuthFailed", KL_CAT_AUTH, 0, 0},
     {KL_EV_ALERT_RAISED, "AlertRaised", KL_CAT_ALERTS, 0, 0},
     {KL_EV_ALERT_ACKNOWLEDGED, "AlertAcknowledged", KL_CAT_ALERTS, 0, 0},

@@ -1,0 +1,293 @@
+/*
+ * POST /v1/keys/verify (API.md "Verification"): is this key good, for this
+ * flow and permission, right now? Every outcome is a 200 with a code, except
+ * the one guard against guessing: a client address with too many failed
+ * verifications in the current minute gets 429 before any lookup.
+ *
+ * This is the hot path: no disk, no lock, and no allocation once a key is
+ * in use. The request body is parsed by jansson into a per-request arena
+ * (jansson's allocator is pointed at it only while a verification runs; the
+ * daemon's only jansson user is the loop thread), and the answer is
+ * formatted straight into a stack buffer.
+ */
+#include "daemon.h"
+
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- jansson's arena -------------------------------------------------- */
+
+enum { ARENA_BYTES = 32 * 1024 };
+
+static struct {
+    bool on;
+    size_t used;
+    _Alignas(16) char buf[ARENA_BYTES];
+} arena;
+
+static void *arena_malloc(size_t n)
+{
+    if (arena.on) {
+        n = (n + 15) & ~(size_t)15;
+        if (n <= ARENA_BYTES - arena.used) {
+            void *p = arena.buf + arena.used;
+            arena.used += n;
+            return p;
+        }
+    }
+    return malloc(n);           /* a body too big for the arena, or not in one */
+}
+
+static void arena_free(void *p)
+{
+    if ((char *)p >= arena.buf && (char *)p < arena.buf + ARENA_BYTES)
+        return;                 /* the arena is emptied whole */
+    free(p);
+}
+
+/* ---- failed verifications per client address --------------------------- */
+
+enum { THROTTLE_SLOTS = 4096, THROTTLE_PROBES = 8, ADDR_MAX = 48 };
+
+typedef struct throttle_slot {
+    char addr[ADDR_MAX];
+    int64_t minute;
+    uint32_t failures;
+} throttle_slot;
+
+struct kl_throttle {
+    throttle_slot slots[THROTTLE_SLOTS];
+};
+
+static uint32_t addr_hash(const char *s)
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+    for (; *s != '\0'; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+/* The address's slot for this minute: its own, a stale one, or (the table
+ * being full of busy addresses) the one it hashes to. */
+static throttle_slot *throttle_slot_for(kl_throttle *t, const char *addr,
+                                        int64_t minute)
+{
+    uint32_t h = addr_hash(addr);
+    throttle_slot *free_slot = NULL;
+    for (uint32_t i = 0; i < THROTTLE_PROBES; i++) {
+        throttle_slot *s = &t->slots[(h + i) % THROTTLE_SLOTS];
+        if (strcmp(s->addr, addr) == 0) {
+            if (s->minute != minute) {
+                s->minute = minute;
+                s->failures = 0;
+            }
+            return s;
+        }
+        if (free_slot == NULL && s->minute != minute)
+            free_slot = s;
+    }
+    throttle_slot *s = free_slot != NULL ? free_slot : &t->slots[h % THROTTLE_SLOTS];
+    snprintf(s->addr, sizeof s->addr, "%s", addr);
+    s->minute = minute;
+    s->failures = 0;
+    return s;
+}
+
+int kl_verify_init(kl_daemon *d)
+{
+    d->throttle = calloc(1, sizeof *d->throttle);
+    if (d->throttle == NULL)
+        return KL_ENOMEM;
+    json_set_alloc_funcs(arena_malloc, arena_free);
+    return KL_OK;
+}
+
+void kl_verify_free(kl_daemon *d)
+{
+    free(d->throttle);
+    d->throttle = NULL;
+}
+
+/* ---- the answer ------------------------------------------------------- */
+
+typedef enum {
+    V_VALID = 0, V_NOT_FOUND, V_EXPIRED, V_REVOKED, V_DISABLED, V_FORBIDDEN,
+    V_RATE_LIMITED, V_USAGE_EXCEEDED
+} outcome;
+
+static const char *const CODES[] = {
+    "VALID", "NOT_FOUND", "EXPIRED", "REVOKED", "DISABLED", "FORBIDDEN",
+    "RATE_LIMITED", "USAGE_EXCEEDED"};
+
+/* The answer for a known key. The flows are flow ids the key was created
+ * with, so they are escaped by jansson like any string. */
+static json_t *answer(outcome v, const kl_key *k, const kl_ratelimit *rl)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "valid", json_boolean(v == V_VALID));
+    json_object_set_new(o, "code", json_string(CODES[v]));
+    if (k == NULL)
+        return o;
+    json_object_set_new(o, "key_id", kl_json_id(KL_ID_KEY, &k->id));
+    json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &k->org->id));
+    json_t *owner = json_object();
+    json_object_set_new(owner, "type", json_string(kl_principal_name(k->owner.type)));
+    json_object_set_new(owner, "id", kl_json_ref(&k->owner));
+    json_object_set_new(o, "owner", owner);
+    json_t *perm = json_object();
+    json_object_set_new(perm, "access", json_string(kl_access_name(k->access)));
+    if (k->access == KL_ACCESS_FLOWS) {
+        json_t *flows = json_array();
+        for (uint32_t i = 0; i < k->nflows; i++)
+            json_array_append_new(flows, json_string(k->flows[i]));
+        json_object_set_new(perm, "flows", flows);
+    }
+    json_object_set_new(o, "permissions", perm);
+    if (rl != NULL && rl->limit != 0) {
+        json_t *r = json_object();
+        json_object_set_new(r, "limit", json_integer((json_int_t)rl->limit));
+        json_object_set_new(r, "remaining", json_integer((json_int_t)rl->remaining));
+        json_object_set_new(r, "reset_at", kl_json_time(rl->reset_at));
+        json_object_set_new(o, "ratelimit", r);
+    }
+    return o;
+}
+
+/* ---- the decision ----------------------------------------------------- */
+
+typedef struct request {
+    kl_str key, flow;
+    int permission;             /* 0 none, 1 read, 2 write, 3 execute */
+    uint32_t cost;
+} request;
+
+static bool flow_allowed(const kl_key *k, kl_str flow)
+{
+    for (uint32_t i = 0; i < k->nflows; i++)
+        if (strlen(k->flows[i]) == flow.len &&
+            memcmp(k->flows[i], flow.ptr, flow.len) == 0)
+            return true;
+    return false;
+}
+
+/* The outcome for r, and the key when the secret names one. */
+static outcome decide(kl_daemon *d, const request *r, int64_t now, kl_key **key,
+                      kl_ratelimit *rl)
+{
+    kl_id id;
+    kl_env env;
+    *key = NULL;
+    if (kl_secret_parse(r->key.ptr, r->key.len, NULL, &id, &env) != KL_OK)
+        return V_NOT_FOUND;     /* bad shape or checksum: no lookup */
+    kl_key *k = kl_proj_key(d->proj, &id);
+    if (k == NULL || k->deleted || k->env != env)
+        return V_NOT_FOUND;
+    uint8_t h[KL_HASH_LEN];
+    kl_sha256(r->key.ptr, r->key.len, h);
+    bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
+    if (!match && k->old_until > now)
+        match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
+    *key = k;
+    if (!match)
+        return V_NOT_FOUND;
+    switch (kl_key_status_at(k, now)) {
+    case KL_KEY_REVOKED:
+        return V_REVOKED;
+    case KL_KEY_EXPIRED:
+        return V_EXPIRED;
+    default:
+        break;
+    }
+    if (!kl_key_owner_enabled(k))
+        return V_DISABLED;
+    if (k->access == KL_ACCESS_FLOWS && (r->flow.len == 0 || !flow_allowed(k, r->flow)))
+        return V_FORBIDDEN;
+    if (k->access == KL_ACCESS_READ_ONLY && r->permission > 1)
+        return V_FORBIDDEN;
+    switch (kl_usage_admit(d->usage, k, r->cost, now, rl)) {
+    case KL_RL_RATE:
+        return V_RATE_LIMITED;
+    case KL_RL_QUOTA:
+        return V_USAGE_EXCEEDED;
+    default:
+        return V_VALID;
+    }
+}
+
+static const char *const FIELDS[] = {"key", "flow", "permission", "cost", NULL};
+static const char *const PERMISSIONS[] = {"", "read", "write", "execute"};
+enum { MAX_COST = 1000 };
+
+/* Reads the body into r; answers 400 and returns -1 when it is not a
+ * verification request. */
+static int parse(kl_http_request *req, json_t *body, request *r)
+{
+    int got = kl_api_get_str(req, body, "key", "key", 1, KL_SECRET_MAX, &r->key);
+    if (got == 0)
+        kl_api_bad_arg(req, "key", "key is required");
+    if (got <= 0)
+        return -1;
+    if (kl_api_get_str(req, body, "flow", "flow", 1, KL_MAX_FLOW_LEN, &r->flow) < 0)
+        return -1;
+    kl_str perm;
+    got = kl_api_get_str(req, body, "permission", "permission", 1, 16, &perm);
+    if (got < 0)
+        return -1;
+    for (int i = 1; got > 0 && i < 4 && r->permission == 0; i++)
+        if (strlen(PERMISSIONS[i]) == perm.len && memcmp(PERMISSIONS[i], perm.ptr, perm.len) == 0)
+            r->permission = i;
+    if (got > 0 && r->permission == 0) {
+        kl_api_bad_arg(req, "permission", "permission must be read, write or execute");
+        return -1;
+    }
+    uint64_t cost = 1;
+    if (kl_api_get_uint(req, body, "cost", "cost", 0, MAX_COST, &cost) < 0)
+        return -1;
+    r->cost = (uint32_t)cost;
+    return 0;
+}
+
+void kl_h_verify(kl_http_request *req)
+{
+    kl_daemon *d = req->ctx;
+    if (!d->ready) {
+        kl_api_error(req, 503, "unavailable", "keyledgerd is replaying its log", NULL);
+        return;
+    }
+    int64_t now = kl_daemon_now(d);
+    throttle_slot *ts = throttle_slot_for(d->throttle, kl_http_peer(req), now / 60000);
+    if (ts->failures >= d->cfg.verify_failures_per_minute) {
+        char headers[64];
+        snprintf(headers, sizeof headers, "Retry-After: %lld\r\n",
+                 (long long)(60 - (now / 1000) % 60));
+        kl_http_respond_error(req, 429, "rate_limited",
+                              "too many failed verifications from this address; "
+                              "retry later", NULL, headers);
+        return;
+    }
+
+    arena.on = true;
+    arena.used = 0;
+    json_t *body;
+    request r = {{NULL, 0}, {"", 0}, 0, 1};
+    if (kl_api_body(req, FIELDS, &body) == 0) {
+        if (parse(req, body, &r) == 0) {
+            kl_key *k;
+            kl_ratelimit rl = {0};
+            outcome v = decide(d, &r, now, &k, &rl);
+            if (k != NULL) {
+                kl_usage_note(d->usage, k, v == V_VALID, r.flow,
+                              v == V_VALID ? r.cost : 1, now);
+                if (v == V_VALID)
+                    kl_key_touch(k, now);
+            }
+            if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED)
+                ts->failures++;
+            kl_api_json(req, 200, answer(v, v == V_NOT_FOUND ? NULL : k, &rl), NULL);
+        }
+        json_decref(body);
+    }
+    arena.on = false;
+}
