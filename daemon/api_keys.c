@@ -504,6 +504,16 @@ static int decide_regenerate(kl_daemon *d, kl_cmd *c)
                      NULL);
         return -1;
     }
+    /* A new secret is a new key in hand: the rule for minting holds, or a
+     * manager could regenerate an owner's key and act as that owner. */
+    const kl_ref *me = &c->caller.principal;
+    if (c->caller.role != KL_ROLE_OWNER && k->owner.type == KL_PRINCIPAL_USER &&
+        !(me->type == KL_PRINCIPAL_USER && kl_id_eq(&me->id, &k->owner.id))) {
+        kl_api_error(c->req, 403, "permission_denied",
+                     "a manager may regenerate only their own keys and service "
+                     "accounts' keys", NULL);
+        return -1;
+    }
     key_input *in = c->data;
     kl_event ev = {.type = KL_EV_KEY_REGENERATED, .has = KL_F_HASH | KL_F_PREFIX};
     char display[KL_DISPLAY_PREFIX_LEN + 1];
