@@ -22,6 +22,14 @@ void kl_config_defaults(kl_config *cfg)
     cfg->log_level = KL_INFO;
     cfg->usage_flush_ms = 1000;
     cfg->verify_failures_per_minute = 100;
+    cfg->alert_check_ms = 1000;
+    cfg->alert_expiring_s = 7 * 86400;
+    cfg->alert_rotation_live_s = 90 * 86400;
+    cfg->alert_rotation_test_s = 30 * 86400;
+    cfg->alert_unused_s = 90 * 86400;
+    cfg->alert_failed_auth_per_minute = 20;
+    cfg->alert_unusual_factor = 10;
+    cfg->alert_unusual_min = 100;
 }
 
 int kl_config_listen(kl_config *cfg, const char *text, kl_err *err)
@@ -89,6 +97,15 @@ static const field fields[] = {
     {"usage_flush_ms", T_UINT, OFF(usage_flush_ms), 10, 3600000},
     {"verify_failures_per_minute", T_UINT, OFF(verify_failures_per_minute), 1,
      UINT32_MAX},
+    {"alert_check_ms", T_UINT, OFF(alert_check_ms), 10, 3600000},
+    {"alert_expiring_seconds", T_UINT, OFF(alert_expiring_s), 1, UINT32_MAX},
+    {"alert_rotation_live_seconds", T_UINT, OFF(alert_rotation_live_s), 1, UINT32_MAX},
+    {"alert_rotation_test_seconds", T_UINT, OFF(alert_rotation_test_s), 1, UINT32_MAX},
+    {"alert_unused_seconds", T_UINT, OFF(alert_unused_s), 1, UINT32_MAX},
+    {"alert_failed_auth_per_minute", T_UINT, OFF(alert_failed_auth_per_minute), 1,
+     UINT32_MAX},
+    {"alert_unusual_factor", T_UINT, OFF(alert_unusual_factor), 1, 1000000},
+    {"alert_unusual_min_requests", T_UINT, OFF(alert_unusual_min), 1, UINT32_MAX},
     {"segment_bytes", T_U64, OFF(segment_bytes), 4096, 1ull << 40},
     {"allow_query_key", T_BOOL, OFF(allow_query_key), 0, 0},
     {"listen", T_STRING, 0, 0, 0},

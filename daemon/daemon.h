@@ -33,6 +33,12 @@ typedef struct kl_config {
     kl_level log_level;
     unsigned usage_flush_ms;    /* how often usage counts are written */
     unsigned verify_failures_per_minute; /* per client address, then 429 */
+    /* Alerts: how often keys are looked at, and the thresholds. */
+    unsigned alert_check_ms;
+    unsigned alert_expiring_s, alert_rotation_live_s, alert_rotation_test_s;
+    unsigned alert_unused_s;
+    unsigned alert_failed_auth_per_minute;
+    unsigned alert_unusual_factor, alert_unusual_min;
 } kl_config;
 
 void kl_config_defaults(kl_config *cfg);
@@ -49,6 +55,7 @@ typedef struct kl_commit kl_commit;
 typedef struct kl_idem_cache kl_idem_cache;
 typedef struct kl_usage kl_usage;
 typedef struct kl_throttle kl_throttle;
+typedef struct kl_alerts kl_alerts;
 
 typedef struct kl_daemon {
     kl_config cfg;
@@ -62,6 +69,7 @@ typedef struct kl_daemon {
     kl_idem_cache *idem;
     kl_usage *usage;
     kl_throttle *throttle;      /* failed verifications per address */
+    kl_alerts *alerts;
     kl_log_reader *reader;      /* audit reads; opened on first use */
     bool ready;                 /* replay done */
     bool stopping;
@@ -181,6 +189,23 @@ void kl_usage_free(kl_usage *u);
  * allocator); once, before serving. */
 int kl_verify_init(kl_daemon *d);
 void kl_verify_free(kl_daemon *d);
+
+/* ---- alerts (alerts.c) ------------------------------------------------- */
+
+int kl_alerts_new(kl_daemon *d, kl_alerts **out);
+void kl_alerts_free(kl_alerts *a);
+/* Raises an alert of org for the condition named by cond_text, unless one
+ * was raised for it before. Takes `details` (a JSON object). */
+void kl_alert_raise(kl_daemon *d, kl_org *org, kl_alert_type type, const kl_key *key,
+                    const char *cond_text, json_t *details);
+/* `failures` failed attempts this minute with key k (from address addr, or
+ * with the key when addr is NULL): a failed_auth_spike when that crosses
+ * the threshold. */
+void kl_alert_failures(kl_daemon *d, const kl_key *k, const char *addr,
+                       uint32_t failures, int64_t now);
+json_t *kl_render_alert(const kl_daemon *d, const kl_alert *a);
+void kl_h_alerts_list(kl_http_request *req);
+void kl_h_alerts_ack(kl_http_request *req);
 
 /* ---- idempotency (idem.c) -------------------------------------------- */
 

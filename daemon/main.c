@@ -93,6 +93,8 @@ static void on_http_closed(void *arg)
         kl_usage_flush(d->usage);
     kl_usage_free(d->usage);
     d->usage = NULL;
+    kl_alerts_free(d->alerts);
+    d->alerts = NULL;
     kl_commit_drain(d->commit, on_drained);
 }
 
@@ -209,7 +211,7 @@ int main(int argc, char **argv)
     if (kl_proj_new(&d->proj) != KL_OK || kl_idem_cache_new(&d->idem) != KL_OK ||
         kl_commit_new(d, &d->commit) != KL_OK ||
         kl_usage_new(d, d->cfg.usage_flush_ms, &d->usage) != KL_OK ||
-        kl_verify_init(d) != KL_OK) {
+        kl_verify_init(d) != KL_OK || kl_alerts_new(d, &d->alerts) != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "out of memory at startup");
         return 1;
     }

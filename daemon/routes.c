@@ -10,6 +10,8 @@ const kl_http_route kl_routes[] = {
     {HTTP_GET, "/readyz", kl_h_readyz},
     {HTTP_GET, "/v1/me", kl_h_me},
     {HTTP_POST, "/v1/keys/verify", kl_h_verify},
+    {HTTP_GET, "/v1/alerts", kl_h_alerts_list},
+    {HTTP_POST, "/v1/alerts/{id}/ack", kl_h_alerts_ack},
     {HTTP_GET, "/v1/org", kl_h_org},
     {HTTP_GET, "/v1/org/users", kl_h_users_list},
     {HTTP_POST, "/v1/org/users", kl_h_users_invite},

@@ -46,6 +46,7 @@ typedef struct entry {
     int64_t from, last;             /* period start; last accepted use */
     int64_t active;                 /* last call */
     window minute;
+    window refused;                 /* refused calls, for failed_auth_spike */
     uint32_t nflows;
     flow_count flows[ENTRY_FLOWS];  /* more flows count in the totals only */
 } entry;
@@ -128,6 +129,8 @@ static void count_flow(entry *e, kl_str flow, bool accepted, uint32_t n)
     }
 }
 
+static void window_roll(window *w, int64_t now);
+
 void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, kl_str flow,
                    uint32_t n, int64_t now)
 {
@@ -143,6 +146,9 @@ void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, kl_str flow,
             oe->pending += n;
     } else {
         e->failures += n;
+        window_roll(&e->refused, now);
+        e->refused.cur += n;
+        kl_alert_failures(u->d, k, NULL, e->refused.cur, now);
     }
     if (flow.len > 0)
         count_flow(e, flow, accepted, n);

@@ -283,8 +283,11 @@ void kl_h_verify(kl_http_request *req)
                 if (v == V_VALID)
                     kl_key_touch(k, now);
             }
-            if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED)
+            if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED) {
                 ts->failures++;
+                if (k != NULL)
+                    kl_alert_failures(d, k, ts->addr, ts->failures, now);
+            }
             kl_api_json(req, 200, answer(v, v == V_NOT_FOUND ? NULL : k, &rl), NULL);
         }
         json_decref(body);

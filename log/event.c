@@ -25,7 +25,8 @@
  *   exp int (0 = never), grace int, active bool, idem [key str, fp bin16],
  *   usage [from int, to int, successes uint, failures uint, last_used int],
  *   title str, ref bin16, content str, author uint,
- *   fl [[flow str, successes uint, failures uint], ...] (UsageRecorded v2)
+ *   fl [[flow str, successes uint, failures uint], ...] (UsageRecorded v2),
+ *   alert [type uint, condition bin16]
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -91,8 +92,10 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
     [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 2, KL_CAT_USAGE,
         KL_F_ID | KL_F_USAGE, KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
     [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, 0, 0},
-    [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS, 0, 0},
-    [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS, 0, 0},
+    [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS,
+        KL_F_ID | KL_F_ALERT | KL_F_CONTENT, KL_F_ID | KL_F_ALERT | KL_F_CONTENT | KL_F_REF},
+    [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS,
+        KL_F_ID, KL_F_ID | KL_F_IDEM},
     [KL_EV_COMPUTER_CREATED] = {"ComputerCreated", 1, KL_CAT_RESOURCES,
         KL_F_ID | KL_F_NAME | KL_F_OWNER, KL_F_ID | KL_F_NAME | KL_F_OWNER | KL_F_IDEM},
     [KL_EV_COMPUTER_RESTARTED] = {"ComputerRestarted", 1, KL_CAT_RESOURCES,
@@ -149,6 +152,9 @@ static const char *const principal_names[] = {"", "user", "service_account", "sy
 static const char *const access_names[] = {"", "full", "read_only", "flows"};
 static const char *const env_names[] = {"", "live", "test"};
 static const char *const author_names[] = {"", "user", "assistant"};
+static const char *const alert_names[] = {
+    "", "failed_auth_spike", "usage_threshold", "unused_key", "expiring_soon",
+    "rotation_due", "unusual_activity"};
 
 const char *kl_role_name(kl_role r) { return (unsigned)r < 5 ? role_names[r] : ""; }
 kl_role kl_role_parse(const char *s, size_t len)
@@ -176,6 +182,14 @@ const char *kl_author_name(kl_author a)
 kl_author kl_author_parse(const char *s, size_t len)
 {
     return (kl_author)name_index(author_names, 3, s, len);
+}
+const char *kl_alert_type_name(kl_alert_type t)
+{
+    return (unsigned)t < 7 ? alert_names[t] : "";
+}
+kl_alert_type kl_alert_type_parse(const char *s, size_t len)
+{
+    return (kl_alert_type)name_index(alert_names, 7, s, len);
 }
 
 /* ---- encoding -------------------------------------------------------- */
@@ -226,6 +240,8 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
         ((ev->has & KL_F_OWNER) &&
          (ev->owner_type < KL_PRINCIPAL_USER || ev->owner_type > KL_PRINCIPAL_SA)) ||
         ((ev->has & KL_F_ENV) && (ev->env < KL_ENV_LIVE || ev->env > KL_ENV_TEST)) ||
+        ((ev->has & KL_F_ALERT) &&
+         (ev->alert < KL_ALERT_FAILED_AUTH_SPIKE || ev->alert > KL_ALERT_UNUSUAL_ACTIVITY)) ||
         ((ev->has & KL_F_AUTHOR) &&
          (ev->author < KL_AUTHOR_USER || ev->author > KL_AUTHOR_ASSISTANT)) ||
         ((ev->has & KL_F_ACCESS) &&
@@ -314,6 +330,9 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
                  msgpack_pack_uint32(&pk, ev->flow_successes[i]) ||
                  msgpack_pack_uint32(&pk, ev->flow_failures[i]);
     }
+    if (!rc && (has & KL_F_ALERT))
+        rc = pack_key(&pk, "alert") || msgpack_pack_array(&pk, 2) ||
+             msgpack_pack_uint8(&pk, (uint8_t)ev->alert) || pack_bin(&pk, ev->cond.b, 16);
     if (!rc && (has & KL_F_TITLE))
         rc = pack_key(&pk, "title") || pack_str(&pk, ev->title.ptr, ev->title.len);
     if (!rc && (has & KL_F_REF))
@@ -454,6 +473,14 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
                 return 0;
         }
         return KL_F_FLOW_USAGE;
+    }
+    if (key_is(k, "alert")) {
+        if (!is_array(v, 2) ||
+            !get_enum(&v->via.array.ptr[0], KL_ALERT_UNUSUAL_ACTIVITY, &e) ||
+            !get_bin(&v->via.array.ptr[1], ev->cond.b, 16))
+            return 0;
+        ev->alert = (kl_alert_type)e;
+        return KL_F_ALERT;
     }
     if (key_is(k, "title"))
         return get_str(v, &ev->title) ? KL_F_TITLE : 0;

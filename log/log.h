@@ -218,8 +218,18 @@ enum {
                                     session's computer, a message's session */
     KL_F_CONTENT = 1u << 20,
     KL_F_AUTHOR = 1u << 21,      /* a message's role: user or assistant */
-    KL_F_FLOW_USAGE = 1u << 22   /* usage by flow: flows[i] with counts */
+    KL_F_FLOW_USAGE = 1u << 22,  /* usage by flow: flows[i] with counts */
+    KL_F_ALERT = 1u << 23        /* alert type + the condition it is about */
 };
+
+/* What an alert is about (API.md "Alerts"). */
+typedef enum {
+    KL_ALERT_NONE = 0, KL_ALERT_FAILED_AUTH_SPIKE, KL_ALERT_USAGE_THRESHOLD,
+    KL_ALERT_UNUSED_KEY, KL_ALERT_EXPIRING_SOON, KL_ALERT_ROTATION_DUE,
+    KL_ALERT_UNUSUAL_ACTIVITY
+} kl_alert_type;
+const char *kl_alert_type_name(kl_alert_type t);
+kl_alert_type kl_alert_type_parse(const char *s, size_t len);
 
 typedef struct kl_actor {
     kl_principal type;
@@ -244,6 +254,8 @@ typedef struct kl_event {
     kl_str name, description, email, comment, prefix, title, content;
     kl_id ref;
     kl_author author;
+    kl_alert_type alert;        /* AlertRaised: its type ... */
+    kl_id cond;                 /* ... and a hash naming its condition */
     kl_role role;
     kl_principal owner_type;
     kl_id owner;

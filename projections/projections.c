@@ -20,6 +20,7 @@ struct kl_proj {
     kl_vec orgs;                /* kl_org *, in creation order */
     kl_idmap org_by_id, user_by_id, sa_by_id, key_by_id, idem_by_slot;
     kl_idmap computer_by_id, session_by_id, message_by_id;
+    kl_idmap alert_by_id, alert_by_cond;
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -148,6 +149,7 @@ static void org_free(void *p)
     free(o->keys.items);
     free(o->computers.items);
     free(o->sessions.items);
+    free(o->alerts.items);
     for (uint32_t i = 0; i < o->nflow_names; i++)
         free(o->flow_names[i]);
     free(o->flow_names);
@@ -172,6 +174,13 @@ static void sa_free(void *p)
 }
 
 static void key_free_any(void *p) { key_free(p); }
+
+static void alert_free(void *p)
+{
+    kl_alert *a = p;
+    free(a->details);
+    free(a);
+}
 
 static void computer_free(void *p)
 {
@@ -201,6 +210,8 @@ void kl_proj_free(kl_proj *p)
     if (p == NULL)
         return;
     kl_idmap_free(&p->message_by_id);   /* sessions own their messages */
+    free_all(&p->alert_by_cond, free);
+    free_all(&p->alert_by_id, alert_free);
     free_all(&p->session_by_id, session_free);
     free_all(&p->computer_by_id, computer_free);
     free_all(&p->key_by_id, key_free_any);
@@ -457,7 +468,7 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     k->env = ev->env;
     memcpy(k->hash, ev->hash, KL_HASH_LEN);
     prefix_set(k, ev->prefix);
-    k->created_at = k->updated_at = ev->ts;
+    k->created_at = k->updated_at = k->rotated_at = ev->ts;
     k->version = 1;
     if (key_settings(k, ev) != KL_OK || vec_reserve(&o->keys) != KL_OK ||
         kl_idmap_put(&p->key_by_id, k) != KL_OK) {
@@ -486,6 +497,7 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         k->old_until = ev->has & KL_F_GRACE ? ev->grace_until : 0;
         memcpy(k->hash, ev->hash, KL_HASH_LEN);
         prefix_set(k, ev->prefix);
+        k->rotated_at = ev->ts;
         break;
     case KL_EV_KEY_REVOKED:
         if (k->revoked)
@@ -620,6 +632,51 @@ static int apply_message(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
 }
 
 /* Usage of a key, deleted or not (its history stays). */
+/* ---- alerts ------------------------------------------------------------ */
+
+static int apply_alert(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
+{
+    kl_alert *a = kl_idmap_get(&p->alert_by_id, &ev->id);
+    if (ev->type == KL_EV_ALERT_ACKNOWLEDGED) {
+        if (a == NULL || a->org != o || a->acked)
+            return misfit(err, ev, "no such open alert in the organization");
+        a->acked = true;
+        a->acked_at = ev->ts;
+        a->acked_by = actor_ref(ev);
+        a->version++;
+        return KL_OK;
+    }
+    if (a != NULL)
+        return misfit(err, ev, "alert id exists");
+    if (kl_idmap_get(&p->alert_by_cond, &ev->cond) != NULL)
+        return misfit(err, ev, "an alert for this condition was raised before");
+    a = calloc(1, sizeof *a);
+    kl_id *cond = malloc(sizeof *cond);
+    if (a == NULL || cond == NULL) {
+        free(a);
+        free(cond);
+        return KL_ENOMEM;
+    }
+    *cond = ev->cond;
+    a->id = ev->id;
+    a->org = o;
+    a->type = ev->alert;
+    a->key = ev->has & KL_F_REF ? ev->ref : (kl_id){{0}};
+    a->cond = ev->cond;
+    a->created_at = ev->ts;
+    a->version = 1;
+    if ((a->details = str_dup(ev->content)) == NULL || vec_reserve(&o->alerts) != KL_OK ||
+        kl_idmap_put(&p->alert_by_id, a) != KL_OK) {
+        alert_free(a);
+        free(cond);
+        return KL_ENOMEM;
+    }
+    if (kl_idmap_put(&p->alert_by_cond, cond) != KL_OK)
+        free(cond);             /* only the once-per-condition check is lost */
+    vec_insert_sorted(&o->alerts, a);
+    return KL_OK;
+}
+
 /* The flow's number in the org (index + 1), made on first use; 0 when the
  * org already knows MAX_FLOW_NAMES flows (their calls still count in the
  * totals). */
@@ -840,6 +897,10 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     case KL_EV_MESSAGE_POSTED:
         rc = apply_message(p, o, ev, err);
         break;
+    case KL_EV_ALERT_RAISED:
+    case KL_EV_ALERT_ACKNOWLEDGED:
+        rc = apply_alert(p, o, ev, err);
+        break;
     default:
         return misfit(err, ev, "this build cannot apply the event type");
     }
@@ -897,6 +958,14 @@ kl_session *kl_proj_session(const kl_proj *p, const kl_id *id)
 kl_message *kl_proj_message(const kl_proj *p, const kl_id *id)
 {
     return kl_idmap_get(&p->message_by_id, id);
+}
+kl_alert *kl_proj_alert(const kl_proj *p, const kl_id *id)
+{
+    return kl_idmap_get(&p->alert_by_id, id);
+}
+bool kl_proj_alert_raised(const kl_proj *p, const kl_id *cond)
+{
+    return kl_idmap_get(&p->alert_by_cond, cond) != NULL;
 }
 uint32_t kl_proj_org_count(const kl_proj *p) { return p->orgs.len; }
 kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i) { return p->orgs.items[i]; }

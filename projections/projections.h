@@ -41,6 +41,7 @@ typedef struct kl_org {
     kl_vec keys;                /* kl_key *, deleted ones excluded */
     kl_vec computers;           /* kl_computer *, deleted ones included */
     kl_vec sessions;            /* kl_session *, deleted ones included */
+    kl_vec alerts;              /* kl_alert * */
     uint32_t active_owners;
     /* Flow ids seen in usage, numbered in order of first use. */
     char **flow_names;
@@ -114,6 +115,7 @@ typedef struct kl_key {
     uint32_t rl_minute, rl_day; /* 0 = no limit */
     int64_t created_at, updated_at;
     int64_t expires_at;         /* 0 = never */
+    int64_t rotated_at;         /* created or last regenerated */
     int64_t last_used_at;       /* 0 = never */
     uint8_t hash[KL_HASH_LEN];  /* SHA-256 of the current secret */
     uint8_t old_hash[KL_HASH_LEN]; /* the secret before a regenerate ... */
@@ -165,6 +167,21 @@ struct kl_session {
     kl_vec messages;            /* kl_message *, oldest first */
 };
 
+/* An alert (API.md "Alerts"), raised once per condition. */
+typedef struct kl_alert {
+    kl_id id;
+    kl_org *org;
+    kl_alert_type type;
+    kl_id key;                  /* zero when not about a key */
+    kl_id cond;                 /* names the condition: never raised twice */
+    char *details;              /* a JSON object, as raised */
+    int64_t created_at;
+    bool acked;
+    int64_t acked_at;
+    kl_ref acked_by;
+    uint64_t version;
+} kl_alert;
+
 /* An Idempotency-Key the log remembers: who sent it, for what, with what. */
 typedef struct kl_idem {
     kl_id slot;                 /* hash of (org, caller key, idempotency key) */
@@ -204,6 +221,9 @@ kl_org *kl_proj_org_at(const kl_proj *p, uint32_t i);
 kl_computer *kl_proj_computer(const kl_proj *p, const kl_id *id);
 kl_session *kl_proj_session(const kl_proj *p, const kl_id *id);
 kl_message *kl_proj_message(const kl_proj *p, const kl_id *id);
+kl_alert *kl_proj_alert(const kl_proj *p, const kl_id *id);
+/* Was an alert raised for this condition (any org)? */
+bool kl_proj_alert_raised(const kl_proj *p, const kl_id *cond);
 
 /* The active user with this email in the org, or NULL (case-insensitive). */
 kl_user *kl_proj_user_by_email(const kl_org *org, const char *email, size_t len);

@@ -102,6 +102,8 @@ static kl_event full_event(kl_event_type t, uint32_t has)
     ev.content = S("deploy the \xe2\x9c\x93 build");
     ev.ref = id_of(7);
     ev.author = KL_AUTHOR_ASSISTANT;
+    ev.alert = KL_ALERT_ROTATION_DUE;
+    ev.cond = id_of(8);
     for (uint32_t i = 0; i < ev.nflows; i++) {
         ev.flow_successes[i] = 1000 * i + 1;
         ev.flow_failures[i] = i == 2 ? UINT32_MAX : i;
@@ -202,6 +204,11 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
     else
         assert_true(kl_id_is_zero(&got->ref));
     assert_int_equal(got->author, h & KL_F_AUTHOR ? want->author : KL_AUTHOR_NONE);
+    assert_int_equal(got->alert, h & KL_F_ALERT ? want->alert : KL_ALERT_NONE);
+    if (h & KL_F_ALERT)
+        assert_memory_equal(got->cond.b, want->cond.b, 16);
+    else
+        assert_true(kl_id_is_zero(&got->cond));
     assert_int_equal(got->role, h & KL_F_ROLE ? want->role : KL_ROLE_NONE);
     if (h & KL_F_OWNER) {
         assert_int_equal(got->owner_type, want->owner_type);
@@ -339,8 +346,10 @@ static const spec catalogue[] = {
     {KL_EV_USAGE_RECORDED, "UsageRecorded", KL_CAT_USAGE, KL_F_ID | KL_F_USAGE,
      KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
     {KL_EV_AUTH_FAILED, "AuthFailed", KL_CAT_AUTH, 0, 0},
-    {KL_EV_ALERT_RAISED, "AlertRaised", KL_CAT_ALERTS, 0, 0},
-    {KL_EV_ALERT_ACKNOWLEDGED, "AlertAcknowledged", KL_CAT_ALERTS, 0, 0},
+    {KL_EV_ALERT_RAISED, "AlertRaised", KL_CAT_ALERTS,
+     KL_F_ID | KL_F_ALERT | KL_F_CONTENT, KL_F_ID | KL_F_ALERT | KL_F_CONTENT | KL_F_REF},
+    {KL_EV_ALERT_ACKNOWLEDGED, "AlertAcknowledged", KL_CAT_ALERTS, KL_F_ID,
+     KL_F_ID | KL_F_IDEM},
     {KL_EV_COMPUTER_CREATED, "ComputerCreated", KL_CAT_RESOURCES,
      KL_F_ID | KL_F_NAME | KL_F_OWNER, KL_F_ID | KL_F_NAME | KL_F_OWNER | KL_F_IDEM},
     {KL_EV_COMPUTER_RESTARTED, "ComputerRestarted", KL_CAT_RESOURCES, KL_F_ID,
