@@ -100,6 +100,7 @@ static const struct {
 } REFS[] = {
     {KL_ID_SESSION, KL_ID_COMPUTER, "computer_id"},
     {KL_ID_MESSAGE, KL_ID_SESSION, "session_id"},
+    {KL_ID_ALERT, KL_ID_KEY, "key_id"},
 };
 
 /* {names[i]: values[i]} for the values that are set (0 = no limit). */
@@ -131,8 +132,16 @@ static json_t *event_data(const kl_event *ev)
     static const char *const LIMITS[] = {"requests_per_minute", "requests_per_day",
                                          "requests_per_month"};
     json_t *d = json_object();
+    uint32_t has = ev->has;
+    if (has & KL_F_ALERT) {
+        /* An alert's content is its details, a JSON object. */
+        json_object_set_new(d, "alert_type", json_string(kl_alert_type_name(ev->alert)));
+        json_t *det = json_loadb(ev->content.ptr, ev->content.len, 0, NULL);
+        json_object_set_new(d, "details", det != NULL ? det : json_object());
+        has &= ~(uint32_t)KL_F_CONTENT;
+    }
     for (size_t i = 0; i < ARRAY_LEN(TEXT_FIELDS); i++) {
-        if (ev->has & TEXT_FIELDS[i].bit) {
+        if (has & TEXT_FIELDS[i].bit) {
             const kl_str *s = (const kl_str *)((const char *)ev + TEXT_FIELDS[i].off);
             json_object_set_new(d, TEXT_FIELDS[i].name, json_stringn(s->ptr, s->len));
         }
@@ -192,6 +201,18 @@ static json_t *event_data(const kl_event *ev)
         if (ev->last_used != 0)
             json_object_set_new(u, "last_used_at", kl_json_time(ev->last_used));
         json_object_set_new(d, "usage", u);
+    }
+    if (ev->has & KL_F_FLOW_USAGE) {
+        json_t *flows = json_array();
+        for (uint32_t i = 0; i < ev->nflows; i++)
+            json_array_append_new(flows, json_pack("{s:s%,s:I,s:I}", "flow",
+                                                   ev->flows[i].ptr,
+                                                   (size_t)ev->flows[i].len,
+                                                   "successes",
+                                                   (json_int_t)ev->flow_successes[i],
+                                                   "failures",
+                                                   (json_int_t)ev->flow_failures[i]));
+        json_object_set_new(d, "flows", flows);
     }
     return d;
 }
