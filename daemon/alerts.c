@@ -65,20 +65,21 @@ void kl_alert_raise(kl_daemon *d, kl_org *org, kl_alert_type type, const kl_key 
         json_decref(details);
         return;
     }
-    char *text = json_dumps(details, JSON_COMPACT | JSON_SORT_KEYS);
-    json_decref(details);
+    /* Into our own memory: this may run inside a verification, whose
+     * jansson allocations live in an arena (verify.c). */
+    size_t len = json_dumpb(details, NULL, 0, JSON_COMPACT | JSON_SORT_KEYS);
     kl_cmd *c = kl_cmd_new(d, NULL, NULL);
-    raise_data *r = text != NULL ? calloc(1, sizeof *r + strlen(text) + 1) : NULL;
-    if (c == NULL || r == NULL) {
+    raise_data *r = calloc(1, sizeof *r + len + 1);
+    if (c == NULL || r == NULL ||
+        json_dumpb(details, r->details, len, JSON_COMPACT | JSON_SORT_KEYS) != len) {
+        json_decref(details);
         kl_cmd_free(c);
         free(r);
-        free(text);
         return;
     }
+    json_decref(details);
     r->type = type;
     r->cond = cond;
-    memcpy(r->details, text, strlen(text) + 1);
-    free(text);
     if (key != NULL)
         r->key = key->id;
     c->caller.org = org;

@@ -19,14 +19,16 @@ static const char BAD_KEY[] = "invalid, expired or revoked API key";
 void kl_api_json(kl_http_request *req, int status, json_t *body,
                  const char *headers)
 {
+    /* json_dumpb, not json_dumps: the text is ours to free with free()
+     * (jansson's own allocations may live in verify.c's arena). */
     char stackbuf[4096];
     size_t n = json_dumpb(body, stackbuf, sizeof stackbuf, JSON_COMPACT);
     if (n <= sizeof stackbuf) {
         kl_http_respond_json(req, status, headers, stackbuf, n);
     } else {
-        char *big = json_dumps(body, JSON_COMPACT);
-        if (big != NULL)
-            kl_http_respond_json(req, status, headers, big, strlen(big));
+        char *big = malloc(n);
+        if (big != NULL && json_dumpb(body, big, n, JSON_COMPACT) == n)
+            kl_http_respond_json(req, status, headers, big, n);
         else
             kl_http_respond_error(req, 500, "internal", "out of memory", NULL, NULL);
         free(big);
@@ -100,26 +102,50 @@ static int credential(kl_daemon *d, kl_http_request *req, char *buf, size_t len)
     return 0;
 }
 
-/* Finds the key a secret belongs to, if it may be used now. */
-static kl_key *key_for_secret(kl_daemon *d, const char *secret, int64_t now)
+kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
+                             int64_t now, kl_fail_reason *why)
 {
     kl_id id;
     kl_env env;
-    size_t len = strlen(secret);
-    if (kl_secret_parse(secret, len, NULL, &id, &env) != KL_OK)
-        return NULL;            /* bad shape or checksum: no lookup at all */
-    kl_key *k = kl_proj_key(d->proj, &id);
-    if (k == NULL || k->deleted || k->env != env)
+    if (kl_secret_parse(secret, len, NULL, &id, &env) != KL_OK) {
+        *why = KL_FAIL_BAD_CHECKSUM;    /* bad shape or checksum: no lookup */
         return NULL;
+    }
+    kl_key *k = kl_proj_key(d->proj, &id);
+    if (k == NULL || k->env != env) {
+        *why = KL_FAIL_UNKNOWN_KEY;
+        return NULL;
+    }
     uint8_t h[KL_HASH_LEN];
     kl_sha256(secret, len, h);
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
     if (!match && k->old_until > now)
         match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
-    bool ok = match && kl_key_usable(k, now);
-    if (!ok)
-        kl_usage_note(d->usage, k, false, (kl_str){"", 0}, 1, now);
-    return ok ? k : NULL;
+    if (k->deleted)
+        *why = KL_FAIL_DELETED;
+    else if (!match)
+        *why = KL_FAIL_WRONG_SECRET;
+    else if (kl_key_status_at(k, now) == KL_KEY_REVOKED)
+        *why = KL_FAIL_REVOKED;
+    else if (kl_key_status_at(k, now) == KL_KEY_EXPIRED)
+        *why = KL_FAIL_EXPIRED;
+    else if (!kl_key_owner_enabled(k))
+        *why = KL_FAIL_OWNER_DISABLED;
+    else
+        *why = KL_FAIL_NONE;
+    return k;
+}
+
+/* The key a secret belongs to if it may be used now; a refusal is counted
+ * with its reason. */
+static kl_key *key_for_secret(kl_daemon *d, const char *secret, int64_t now)
+{
+    kl_fail_reason why;
+    kl_key *k = kl_api_lookup_secret(d, secret, strlen(secret), now, &why);
+    if (why == KL_FAIL_NONE)
+        return k;
+    kl_usage_refused(d->usage, k, why, (kl_str){"", 0}, now);
+    return NULL;
 }
 
 void kl_api_ratelimit_headers(const kl_ratelimit *rl, int64_t now, bool retry,
@@ -163,7 +189,10 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
     }
     kl_ratelimit rl;
     kl_rl_verdict v = kl_usage_admit(d->usage, k, 1, now, &rl);
-    kl_usage_note(d->usage, k, v == KL_RL_OK, (kl_str){"", 0}, 1, now);
+    if (v == KL_RL_OK)
+        kl_usage_note(d->usage, k, (kl_str){"", 0}, 1, now);
+    else
+        kl_usage_refused(d->usage, k, KL_FAIL_NONE, (kl_str){"", 0}, now);
     if (v != KL_RL_OK) {
         char headers[256];
         kl_api_ratelimit_headers(&rl, now, true, headers, sizeof headers);
@@ -445,13 +474,15 @@ void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body)
     char *text = NULL;
     size_t len = 0;
     if (body != NULL) {
-        text = json_dumps(body, JSON_COMPACT);
-        json_decref(body);
-        if (text == NULL) {
+        len = json_dumpb(body, NULL, 0, JSON_COMPACT);
+        text = malloc(len > 0 ? len : 1);
+        if (text == NULL || json_dumpb(body, text, len, JSON_COMPACT) != len) {
+            json_decref(body);
+            free(text);
             kl_api_error(c->req, 500, "internal", "out of memory", NULL);
             return;
         }
-        len = strlen(text);
+        json_decref(body);
     }
     if (c->has_idem)
         kl_idem_cache_put(d->idem, &c->idem_slot, status, text, len, c->now);

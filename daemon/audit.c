@@ -44,6 +44,7 @@ static const struct {
     {"ServiceAccount", KL_ID_SA},
     {"Key", KL_ID_KEY},
     {"Usage", KL_ID_KEY},       /* UsageRecorded: one key's counts */
+    {"Auth", KL_ID_KEY},        /* AuthFailed: refusals of one key */
     {"Computer", KL_ID_COMPUTER},
     {"Session", KL_ID_SESSION},
     {"Message", KL_ID_MESSAGE},
@@ -202,6 +203,16 @@ static json_t *event_data(const kl_event *ev)
             json_object_set_new(u, "last_used_at", kl_json_time(ev->last_used));
         json_object_set_new(d, "usage", u);
     }
+    if (ev->has & KL_F_AUTH) {
+        json_t *why = json_object();
+        for (int i = 1; i < KL_FAIL_REASONS; i++)
+            if (ev->auth_counts[i] != 0)
+                json_object_set_new(why, kl_fail_reason_name((kl_fail_reason)i),
+                                    json_integer((json_int_t)ev->auth_counts[i]));
+        json_object_set_new(d, "from", kl_json_time(ev->usage_from));
+        json_object_set_new(d, "to", kl_json_time(ev->usage_to));
+        json_object_set_new(d, "reasons", why);
+    }
     if (ev->has & KL_F_FLOW_USAGE) {
         json_t *flows = json_array();
         for (uint32_t i = 0; i < ev->nflows; i++)
@@ -278,14 +289,19 @@ static bool event_wanted(const kl_audit_filter *f, const kl_event *ev)
     return true;
 }
 
+/* The daemon's reader of its own log, opened on first use. */
+static int reader(kl_daemon *d, kl_err *err)
+{
+    return d->reader != NULL ? KL_OK
+                             : kl_log_reader_open(d->cfg.data_dir, &d->reader, err);
+}
+
 /* Reads and decodes event `seq` of `org`. */
 static int read_event(kl_daemon *d, const kl_org *org, uint64_t seq,
                       kl_buf *payload, kl_event *ev, kl_err *err)
 {
     kl_record_head head;
-    int rc = KL_OK;
-    if (d->reader == NULL)
-        rc = kl_log_reader_open(d->cfg.data_dir, &d->reader, err);
+    int rc = reader(d, err);
     if (rc == KL_OK)
         rc = kl_log_reader_get(d->reader, seq, payload, NULL, err);
     if (rc == KL_OK)
@@ -574,4 +590,41 @@ void kl_h_control_history(kl_http_request *req)
     if (kl_api_auth(d, req, KL_NEED_READ, &caller) != 0)
         return;
     kl_audit_serve(d, req, caller.org, KL_AUDIT_CONTROL_PLANE);
+}
+
+void kl_h_audit_events(kl_http_request *req)
+{
+    kl_daemon *d = req->ctx;
+    kl_caller caller;
+    if (kl_api_auth(d, req, KL_NEED_READ, &caller) != 0)
+        return;
+    kl_audit_serve(d, req, caller.org, KL_AUDIT_ALL);
+}
+
+/* The head of the hash chain as applied: every event up to `seq` is
+ * durable and visible. The chain is one for the whole log, so the head is
+ * too; `keyledger verify` prints the same pair. */
+void kl_h_audit_head(kl_http_request *req)
+{
+    kl_daemon *d = req->ctx;
+    kl_caller caller;
+    if (kl_api_auth(d, req, KL_NEED_READ, &caller) != 0)
+        return;
+    uint64_t seq = kl_proj_seq(d->proj);
+    uint8_t hash[KL_HASH_LEN] = {0};
+    kl_err err = {0};
+    kl_buf payload = {0};
+    int rc = KL_OK;
+    if (seq > 0 && (rc = reader(d, &err)) == KL_OK)
+        rc = kl_log_reader_get(d->reader, seq, &payload, hash, &err);
+    kl_buf_free(&payload);
+    if (rc != KL_OK) {
+        KL_LOGF(&d->logger, KL_ERROR, "audit head: %s", err.msg);
+        kl_api_error(req, 500, "internal", "cannot read the head of the log", NULL);
+        return;
+    }
+    char hex[2 * KL_HASH_LEN + 1];
+    kl_hex(hash, KL_HASH_LEN, hex);
+    kl_api_json(req, 200, json_pack("{s:I,s:s}", "seq", (json_int_t)seq, "hash", hex),
+                NULL);
 }

@@ -157,10 +157,14 @@ const char *kl_commit_unavailable(const kl_commit *c);
 /* ---- usage (usage.c) -------------------------------------------------- */
 
 int kl_usage_new(kl_daemon *d, unsigned interval_ms, kl_usage **out);
-/* `n` calls with key k: accepted, or refused (wrong secret, expired, over
- * a limit, ...), naming `flow` (empty: none). */
-void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, kl_str flow,
-                   uint32_t n, int64_t now);
+/* `n` accepted calls with key k, naming `flow` (empty: none). */
+void kl_usage_note(kl_usage *u, kl_key *k, kl_str flow, uint32_t n, int64_t now);
+/* One refused call: with key k (NULL when the secret named no key), for
+ * an authentication reason (KL_FAIL_NONE when the key was good but the
+ * call was not allowed: wrong flow, over a limit). Refusals by reason
+ * become AuthFailed events at the flush. */
+void kl_usage_refused(kl_usage *u, kl_key *k, kl_fail_reason why, kl_str flow,
+                      int64_t now);
 
 /* The tightest of a key's and its org's windows (limit 0: no window). */
 typedef struct kl_ratelimit {
@@ -242,6 +246,8 @@ void kl_h_keys_update(kl_http_request *req);
 void kl_h_keys_delete(kl_http_request *req);
 void kl_h_keys_regenerate(kl_http_request *req);
 void kl_h_keys_revoke(kl_http_request *req);
+void kl_h_keys_usage(kl_http_request *req);    /* api_usage.c */
+void kl_h_org_usage(kl_http_request *req);
 void kl_h_users_invite(kl_http_request *req);
 void kl_h_users_list(kl_http_request *req);
 void kl_h_users_get(kl_http_request *req);
@@ -287,6 +293,10 @@ typedef enum {
 /* Authenticates and authorizes; on failure answers the request and returns
  * non-zero. */
 int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c);
+/* The key a secret names (NULL if none: bad checksum, unknown id) and, in
+ * *why, why it may not be used now (KL_FAIL_NONE: it may). */
+kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
+                             int64_t now, kl_fail_reason *why);
 /* Checks Content-Type and parses the body as a JSON object whose keys are
  * all in `allowed` (NULL-terminated). An empty body is {}. Answers the request and returns non-zero on failure. */
 int kl_api_body(kl_http_request *req, const char *const *allowed, json_t **out);
@@ -372,6 +382,10 @@ int64_t kl_daemon_now(const kl_daemon *d);
 /* GET /v1/org/control-history: the control plane (people, roles,
  * service accounts, keys, org limits). */
 #define KL_AUDIT_CONTROL_PLANE (KL_AUDIT_CAT(KL_CAT_CONTROL) | KL_AUDIT_CAT(KL_CAT_KEYS))
+/* GET /v1/audit-events: everything. */
+#define KL_AUDIT_ALL (KL_AUDIT_CAT(KL_CAT_CONTROL) | KL_AUDIT_CAT(KL_CAT_KEYS) | \
+                      KL_AUDIT_CAT(KL_CAT_USAGE) | KL_AUDIT_CAT(KL_CAT_AUTH) |   \
+                      KL_AUDIT_CAT(KL_CAT_ALERTS) | KL_AUDIT_CAT(KL_CAT_RESOURCES))
 
 /* What an audit query asks for; the query string of API.md, parsed. */
 typedef struct kl_audit_filter {
@@ -405,5 +419,7 @@ int kl_audit_query(kl_daemon *d, const kl_org *org, const kl_audit_filter *f,
 void kl_audit_serve(kl_daemon *d, kl_http_request *req, const kl_org *org,
                     uint32_t categories);
 void kl_h_control_history(kl_http_request *req);
+void kl_h_audit_events(kl_http_request *req);
+void kl_h_audit_head(kl_http_request *req);
 
 #endif

@@ -10,6 +10,8 @@ const kl_http_route kl_routes[] = {
     {HTTP_GET, "/readyz", kl_h_readyz},
     {HTTP_GET, "/v1/me", kl_h_me},
     {HTTP_POST, "/v1/keys/verify", kl_h_verify},
+    {HTTP_GET, "/v1/audit-events", kl_h_audit_events},
+    {HTTP_GET, "/v1/audit-events/head", kl_h_audit_head},
     {HTTP_GET, "/v1/alerts", kl_h_alerts_list},
     {HTTP_POST, "/v1/alerts/{id}/ack", kl_h_alerts_ack},
     {HTTP_GET, "/v1/org", kl_h_org},
@@ -46,6 +48,8 @@ const kl_http_route kl_routes[] = {
     {HTTP_DELETE, "/v1/api-keys/{id}", kl_h_keys_delete},
     {HTTP_POST, "/v1/api-keys/{id}/regenerate", kl_h_keys_regenerate},
     {HTTP_POST, "/v1/api-keys/{id}/revoke", kl_h_keys_revoke},
+    {HTTP_GET, "/v1/api-keys/{id}/usage", kl_h_keys_usage},
+    {HTTP_GET, "/v1/usage", kl_h_org_usage},
     {HTTP_GET, "/v1/org/control-history", kl_h_control_history},
     {0, NULL, NULL}
 };

@@ -3,7 +3,10 @@
  *
  * Every call with a key is counted in memory (accepted or refused, and by
  * flow when it named one) and once per flush interval the keys that were
- * used get one UsageRecorded event each, all in one command. A crash loses
+ * used get one UsageRecorded event each, all in one command, with one
+ * AuthFailed event per key whose authentication was refused (by reason:
+ * the 401 hides it, the audit history must not) and one for refusals that
+ * named no key. A crash loses
  * at most one interval of counts; a clean stop flushes first. Nothing on
  * the request path waits for the disk or allocates once a key is in use:
  * a key's entry (with the flow names it has seen) lives on across flushes
@@ -47,6 +50,7 @@ typedef struct entry {
     int64_t active;                 /* last call */
     window minute;
     window refused;                 /* refused calls, for failed_auth_spike */
+    uint32_t why[KL_FAIL_REASONS];  /* refused authentications since the flush */
     uint32_t nflows;
     flow_count flows[ENTRY_FLOWS];  /* more flows count in the totals only */
 } entry;
@@ -65,6 +69,8 @@ struct kl_usage {
     uint32_t len, cap;
     org_entry *orgs;
     uint32_t norgs, cap_orgs;
+    uint32_t nameless[KL_FAIL_REASONS]; /* refusals that named no key */
+    int64_t nameless_from;
 };
 
 /* ---- entries ---------------------------------------------------------- */
@@ -131,27 +137,41 @@ static void count_flow(entry *e, kl_str flow, bool accepted, uint32_t n)
 
 static void window_roll(window *w, int64_t now);
 
-void kl_usage_note(kl_usage *u, kl_key *k, bool accepted, kl_str flow,
-                   uint32_t n, int64_t now)
+void kl_usage_note(kl_usage *u, kl_key *k, kl_str flow, uint32_t n, int64_t now)
 {
     entry *e = entry_for(u, k, now);
     if (e == NULL)
         return;
     e->active = now;
-    if (accepted) {
-        e->successes += n;
-        e->last = now;
-        org_entry *oe = org_entry_for(u, k->org);
-        if (oe != NULL)
-            oe->pending += n;
-    } else {
-        e->failures += n;
-        window_roll(&e->refused, now);
-        e->refused.cur += n;
-        kl_alert_failures(u->d, k, NULL, e->refused.cur, now);
-    }
+    e->successes += n;
+    e->last = now;
+    org_entry *oe = org_entry_for(u, k->org);
+    if (oe != NULL)
+        oe->pending += n;
     if (flow.len > 0)
-        count_flow(e, flow, accepted, n);
+        count_flow(e, flow, true, n);
+}
+
+void kl_usage_refused(kl_usage *u, kl_key *k, kl_fail_reason why, kl_str flow,
+                      int64_t now)
+{
+    if (k == NULL) {
+        if (u->nameless_from == 0)
+            u->nameless_from = now;
+        u->nameless[why]++;
+        return;
+    }
+    entry *e = entry_for(u, k, now);
+    if (e == NULL)
+        return;
+    e->active = now;
+    e->failures++;
+    e->why[why]++;
+    if (flow.len > 0)
+        count_flow(e, flow, false, 1);
+    window_roll(&e->refused, now);
+    e->refused.cur++;
+    kl_alert_failures(u->d, k, NULL, e->refused.cur, now);
 }
 
 /* ---- windows ---------------------------------------------------------- */
@@ -258,6 +278,27 @@ static void entry_drop(kl_usage *u, uint32_t i)
     u->len--;
 }
 
+/* One AuthFailed event for the refusals counted in `why`, if any: of one
+ * key, or (key NULL, org zero) of secrets that named no key. */
+static int auth_failed(kl_daemon *d, kl_cmd *c, const kl_id *org, const kl_id *key,
+                       const uint32_t why[KL_FAIL_REASONS], int64_t from, int64_t now)
+{
+    kl_event ev = {.type = KL_EV_AUTH_FAILED, .has = KL_F_AUTH, .org = *org,
+                   .usage_from = from, .usage_to = now};
+    bool any = false;
+    for (int i = 1; i < KL_FAIL_REASONS; i++) {
+        ev.auth_counts[i] = why[i];
+        any = any || why[i] != 0;
+    }
+    if (!any)
+        return KL_OK;
+    if (key != NULL) {
+        ev.has |= KL_F_ID;
+        ev.id = *key;
+    }
+    return kl_cmd_event(d, c, &ev);
+}
+
 static int decide_nothing(kl_daemon *d, kl_cmd *c)
 {
     (void)d;
@@ -296,9 +337,12 @@ void kl_usage_flush(kl_usage *u)
         }
         if (ev.nflows > 0)
             ev.has |= KL_F_FLOW_USAGE;
-        if (c != NULL && kl_cmd_event(d, c, &ev) != KL_OK) {
+        if (c != NULL && kl_cmd_event(d, c, &ev) != KL_OK)
             KL_LOGF(&d->logger, KL_WARN, "usage of a key not recorded: out of memory");
-        }
+        if (c != NULL && auth_failed(d, c, &e->key->org->id, &e->key->id, e->why,
+                                     e->from, now) != KL_OK)
+            KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
+        memset(e->why, 0, sizeof e->why);
         e->successes = e->failures = 0;
         e->from = now;
         e->last = 0;
@@ -306,6 +350,12 @@ void kl_usage_flush(kl_usage *u)
     }
     for (uint32_t i = 0; i < u->norgs; i++)
         u->orgs[i].pending = 0;
+    static const kl_id none;
+    if (c != NULL && auth_failed(d, c, &none, NULL, u->nameless, u->nameless_from,
+                                 now) != KL_OK)
+        KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
+    memset(u->nameless, 0, sizeof u->nameless);
+    u->nameless_from = 0;
     if (c == NULL)
         return;
     c->decide = decide_nothing;

@@ -12,7 +12,6 @@
  */
 #include "daemon.h"
 
-#include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,40 +171,37 @@ static bool flow_allowed(const kl_key *k, kl_str flow)
     return false;
 }
 
-/* The outcome for r, and the key when the secret names one. */
+/* The outcome for r; the key when the secret names one, and why it was
+ * refused when it was. */
 static outcome decide(kl_daemon *d, const request *r, int64_t now, kl_key **key,
-                      kl_ratelimit *rl)
+                      kl_fail_reason *why, kl_ratelimit *rl)
 {
-    kl_id id;
-    kl_env env;
-    *key = NULL;
-    if (kl_secret_parse(r->key.ptr, r->key.len, NULL, &id, &env) != KL_OK)
-        return V_NOT_FOUND;     /* bad shape or checksum: no lookup */
-    kl_key *k = kl_proj_key(d->proj, &id);
-    if (k == NULL || k->deleted || k->env != env)
-        return V_NOT_FOUND;
-    uint8_t h[KL_HASH_LEN];
-    kl_sha256(r->key.ptr, r->key.len, h);
-    bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
-    if (!match && k->old_until > now)
-        match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
+    kl_key *k = kl_api_lookup_secret(d, r->key.ptr, r->key.len, now, why);
     *key = k;
-    if (!match)
-        return V_NOT_FOUND;
-    switch (kl_key_status_at(k, now)) {
-    case KL_KEY_REVOKED:
-        return V_REVOKED;
-    case KL_KEY_EXPIRED:
-        return V_EXPIRED;
-    default:
+    outcome v = V_VALID;
+    switch (*why) {
+    case KL_FAIL_NONE:
         break;
+    case KL_FAIL_REVOKED:
+        v = V_REVOKED;
+        break;
+    case KL_FAIL_EXPIRED:
+        v = V_EXPIRED;
+        break;
+    case KL_FAIL_OWNER_DISABLED:
+        v = V_DISABLED;
+        break;
+    default:                    /* no such key, for the caller */
+        return V_NOT_FOUND;
     }
-    if (!kl_key_owner_enabled(k))
-        return V_DISABLED;
-    if (k->access == KL_ACCESS_FLOWS && (r->flow.len == 0 || !flow_allowed(k, r->flow)))
-        return V_FORBIDDEN;
-    if (k->access == KL_ACCESS_READ_ONLY && r->permission > 1)
-        return V_FORBIDDEN;
+    if (v == V_VALID &&
+        ((k->access == KL_ACCESS_FLOWS && (r->flow.len == 0 || !flow_allowed(k, r->flow))) ||
+         (k->access == KL_ACCESS_READ_ONLY && r->permission > 1)))
+        v = V_FORBIDDEN;
+    if (v != V_VALID) {
+        kl_usage_admit(d->usage, k, 0, now, rl);    /* the windows, untouched */
+        return v;
+    }
     switch (kl_usage_admit(d->usage, k, r->cost, now, rl)) {
     case KL_RL_RATE:
         return V_RATE_LIMITED;
@@ -275,13 +271,14 @@ void kl_h_verify(kl_http_request *req)
     if (kl_api_body(req, FIELDS, &body) == 0) {
         if (parse(req, body, &r) == 0) {
             kl_key *k;
+            kl_fail_reason why;
             kl_ratelimit rl = {0};
-            outcome v = decide(d, &r, now, &k, &rl);
-            if (k != NULL) {
-                kl_usage_note(d->usage, k, v == V_VALID, r.flow,
-                              v == V_VALID ? r.cost : 1, now);
-                if (v == V_VALID)
-                    kl_key_touch(k, now);
+            outcome v = decide(d, &r, now, &k, &why, &rl);
+            if (v == V_VALID) {
+                kl_usage_note(d->usage, k, r.flow, r.cost, now);
+                kl_key_touch(k, now);
+            } else {
+                kl_usage_refused(d->usage, k, why, r.flow, now);
             }
             if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED) {
                 ts->failures++;

@@ -26,7 +26,8 @@
  *   usage [from int, to int, successes uint, failures uint, last_used int],
  *   title str, ref bin16, content str, author uint,
  *   fl [[flow str, successes uint, failures uint], ...] (UsageRecorded v2),
- *   alert [type uint, condition bin16]
+ *   alert [type uint, condition bin16],
+ *   auth [from int, to int, [count uint per kl_fail_reason 1..7]]
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -91,7 +92,7 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
         KL_F_LIMITS, KL_F_LIMITS | KL_F_IDEM},
     [KL_EV_USAGE_RECORDED] = {"UsageRecorded", 2, KL_CAT_USAGE,
         KL_F_ID | KL_F_USAGE, KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
-    [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, 0, 0},
+    [KL_EV_AUTH_FAILED] = {"AuthFailed", 1, KL_CAT_AUTH, KL_F_AUTH, KL_F_AUTH | KL_F_ID},
     [KL_EV_ALERT_RAISED] = {"AlertRaised", 1, KL_CAT_ALERTS,
         KL_F_ID | KL_F_ALERT | KL_F_CONTENT, KL_F_ID | KL_F_ALERT | KL_F_CONTENT | KL_F_REF},
     [KL_EV_ALERT_ACKNOWLEDGED] = {"AlertAcknowledged", 1, KL_CAT_ALERTS,
@@ -183,6 +184,14 @@ kl_author kl_author_parse(const char *s, size_t len)
 {
     return (kl_author)name_index(author_names, 3, s, len);
 }
+const char *kl_fail_reason_name(kl_fail_reason r)
+{
+    static const char *const names[] = {
+        "", "unknown_key", "bad_checksum", "wrong_secret", "expired", "revoked",
+        "deleted", "owner_disabled"};
+    return (unsigned)r < KL_FAIL_REASONS ? names[r] : "";
+}
+
 const char *kl_alert_type_name(kl_alert_type t)
 {
     return (unsigned)t < 7 ? alert_names[t] : "";
@@ -333,6 +342,14 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
     if (!rc && (has & KL_F_ALERT))
         rc = pack_key(&pk, "alert") || msgpack_pack_array(&pk, 2) ||
              msgpack_pack_uint8(&pk, (uint8_t)ev->alert) || pack_bin(&pk, ev->cond.b, 16);
+    if (!rc && (has & KL_F_AUTH)) {
+        rc = pack_key(&pk, "auth") || msgpack_pack_array(&pk, 3) ||
+             msgpack_pack_int64(&pk, ev->usage_from) ||
+             msgpack_pack_int64(&pk, ev->usage_to) ||
+             msgpack_pack_array(&pk, KL_FAIL_REASONS - 1);
+        for (int i = 1; !rc && i < KL_FAIL_REASONS; i++)
+            rc = msgpack_pack_uint32(&pk, ev->auth_counts[i]);
+    }
     if (!rc && (has & KL_F_TITLE))
         rc = pack_key(&pk, "title") || pack_str(&pk, ev->title.ptr, ev->title.len);
     if (!rc && (has & KL_F_REF))
@@ -481,6 +498,18 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
             return 0;
         ev->alert = (kl_alert_type)e;
         return KL_F_ALERT;
+    }
+    if (key_is(k, "auth")) {
+        if (!is_array(v, 3) || !get_int(&v->via.array.ptr[0], &ev->usage_from) ||
+            !get_int(&v->via.array.ptr[1], &ev->usage_to))
+            return 0;
+        a = &v->via.array.ptr[2];
+        if (!is_array(a, KL_FAIL_REASONS - 1))
+            return 0;
+        for (int i = 1; i < KL_FAIL_REASONS; i++)
+            if (!get_u32(&a->via.array.ptr[i - 1], &ev->auth_counts[i]))
+                return 0;
+        return KL_F_AUTH;
     }
     if (key_is(k, "title"))
         return get_str(v, &ev->title) ? KL_F_TITLE : 0;

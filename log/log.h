@@ -219,8 +219,17 @@ enum {
     KL_F_CONTENT = 1u << 20,
     KL_F_AUTHOR = 1u << 21,      /* a message's role: user or assistant */
     KL_F_FLOW_USAGE = 1u << 22,  /* usage by flow: flows[i] with counts */
-    KL_F_ALERT = 1u << 23        /* alert type + the condition it is about */
+    KL_F_ALERT = 1u << 23,       /* alert type + the condition it is about */
+    KL_F_AUTH = 1u << 24         /* refused authentications by reason */
 };
+
+/* Why an authentication was refused (the 401 never says; the audit does). */
+typedef enum {
+    KL_FAIL_NONE = 0, KL_FAIL_UNKNOWN_KEY, KL_FAIL_BAD_CHECKSUM,
+    KL_FAIL_WRONG_SECRET, KL_FAIL_EXPIRED, KL_FAIL_REVOKED, KL_FAIL_DELETED,
+    KL_FAIL_OWNER_DISABLED, KL_FAIL_REASONS
+} kl_fail_reason;
+const char *kl_fail_reason_name(kl_fail_reason r);
 
 /* What an alert is about (API.md "Alerts"). */
 typedef enum {
@@ -254,6 +263,8 @@ typedef struct kl_event {
     kl_str name, description, email, comment, prefix, title, content;
     kl_id ref;
     kl_author author;
+    /* AuthFailed: refusals between usage_from and usage_to by reason. */
+    uint32_t auth_counts[KL_FAIL_REASONS];
     kl_alert_type alert;        /* AlertRaised: its type ... */
     kl_id cond;                 /* ... and a hash naming its condition */
     kl_role role;

@@ -842,6 +842,10 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
         return misfit(err, ev, "sequence gap");
     int rc;
     kl_org *o = NULL;
+    if (ev->type == KL_EV_AUTH_FAILED && kl_id_is_zero(&ev->org)) {
+        p->seq = ev->seq;       /* refusals that named no key: no org's */
+        return KL_OK;
+    }
     if (ev->type != KL_EV_ORG_CREATED) {
         o = kl_idmap_get(&p->org_by_id, &ev->org);
         if (o == NULL)
@@ -901,6 +905,14 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     case KL_EV_ALERT_ACKNOWLEDGED:
         rc = apply_alert(p, o, ev, err);
         break;
+    case KL_EV_AUTH_FAILED: {
+        /* Only history: the refusals change no state. */
+        const kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
+        rc = !(ev->has & KL_F_ID) || (k != NULL && k->org == o)
+                 ? KL_OK
+                 : misfit(err, ev, "refusals of a key not in the organization");
+        break;
+    }
     default:
         return misfit(err, ev, "this build cannot apply the event type");
     }

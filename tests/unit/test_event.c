@@ -103,6 +103,8 @@ static kl_event full_event(kl_event_type t, uint32_t has)
     ev.ref = id_of(7);
     ev.author = KL_AUTHOR_ASSISTANT;
     ev.alert = KL_ALERT_ROTATION_DUE;
+    for (int i = 1; i < KL_FAIL_REASONS; i++)
+        ev.auth_counts[i] = (uint32_t)(i * 7);
     ev.cond = id_of(8);
     for (uint32_t i = 0; i < ev.nflows; i++) {
         ev.flow_successes[i] = 1000 * i + 1;
@@ -205,6 +207,8 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
         assert_true(kl_id_is_zero(&got->ref));
     assert_int_equal(got->author, h & KL_F_AUTHOR ? want->author : KL_AUTHOR_NONE);
     assert_int_equal(got->alert, h & KL_F_ALERT ? want->alert : KL_ALERT_NONE);
+    for (int i = 0; i < KL_FAIL_REASONS; i++)
+        assert_int_equal(got->auth_counts[i], h & KL_F_AUTH ? want->auth_counts[i] : 0);
     if (h & KL_F_ALERT)
         assert_memory_equal(got->cond.b, want->cond.b, 16);
     else
@@ -249,8 +253,8 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
         assert_memory_equal(got->idem_fp, want->idem_fp, 16);
     else
         assert_zero(got->idem_fp, 16);
-    assert_int_equal(got->usage_from, h & KL_F_USAGE ? want->usage_from : 0);
-    assert_int_equal(got->usage_to, h & KL_F_USAGE ? want->usage_to : 0);
+    assert_int_equal(got->usage_from, h & (KL_F_USAGE | KL_F_AUTH) ? want->usage_from : 0);
+    assert_int_equal(got->usage_to, h & (KL_F_USAGE | KL_F_AUTH) ? want->usage_to : 0);
     assert_int_equal(got->successes, h & KL_F_USAGE ? want->successes : 0);
     assert_int_equal(got->failures, h & KL_F_USAGE ? want->failures : 0);
     assert_int_equal(got->last_used, h & KL_F_USAGE ? want->last_used : 0);
@@ -345,7 +349,7 @@ static const spec catalogue[] = {
      KL_F_LIMITS, KL_F_LIMITS | KL_F_IDEM},
     {KL_EV_USAGE_RECORDED, "UsageRecorded", KL_CAT_USAGE, KL_F_ID | KL_F_USAGE,
      KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE},
-    {KL_EV_AUTH_FAILED, "AuthFailed", KL_CAT_AUTH, 0, 0},
+    {KL_EV_AUTH_FAILED, "AuthFailed", KL_CAT_AUTH, KL_F_AUTH, KL_F_AUTH | KL_F_ID},
     {KL_EV_ALERT_RAISED, "AlertRaised", KL_CAT_ALERTS,
      KL_F_ID | KL_F_ALERT | KL_F_CONTENT, KL_F_ID | KL_F_ALERT | KL_F_CONTENT | KL_F_REF},
     {KL_EV_ALERT_ACKNOWLEDGED, "AlertAcknowledged", KL_CAT_ALERTS, KL_F_ID,
@@ -559,8 +563,19 @@ static void test_round_trip_each_type(void **state)
     ev.request_id = (kl_id){{0}};
     round_trip(&ev, seq++);
 
-    /* A type without fields (reserved for later) has an empty body. */
+    /* Refusals by reason: of one key, or of no key (zero org). */
     ev = base_event(KL_EV_AUTH_FAILED);
+    ev.has = KL_F_AUTH | KL_F_ID;
+    ev.id = id_of(12);
+    ev.usage_from = 1768471200000;
+    ev.usage_to = 1768471201000;
+    ev.auth_counts[KL_FAIL_EXPIRED] = 3;
+    ev.auth_counts[KL_FAIL_OWNER_DISABLED] = UINT32_MAX;
+    ev.actor = (kl_actor){KL_PRINCIPAL_SYSTEM, {{0}}, {{0}}};
+    round_trip(&ev, seq++);
+    ev.has = KL_F_AUTH;
+    ev.id = (kl_id){{0}};
+    ev.org = (kl_id){{0}};
     round_trip(&ev, seq++);
 
     /* Envelope extremes: a negative time, the largest seq. */
@@ -1212,9 +1227,9 @@ static void test_unexpected_field(void **state)
     static const entry org[] = {{"name", v_name}, {"id", v_id}};
     payload_spec ps = {"OrgCreated", 1, org, 2, NULL, NULL, NULL, NULL};
     assert_int_equal(decode_spec(&ps, &err), KL_ECORRUPT);
-    static const entry reserved[] = {{"id", v_id}};
-    payload_spec us = {"AuthFailed", 1, reserved, 1, NULL, NULL, NULL, NULL};
-    assert_int_equal(decode_spec(&us, &err), KL_ECORRUPT);
+    static const entry no_auth[] = {{"id", v_id}};
+    payload_spec us = {"AuthFailed", 1, no_auth, 1, NULL, NULL, NULL, NULL};
+    assert_int_equal(decode_spec(&us, &err), KL_ECORRUPT);   /* auth missing */
     static const entry usage[] = {{"id", v_id}, {"usage", v_usage},
                                   {"name", v_name}};
     payload_spec un = {"UsageRecorded", 1, usage, 3, NULL, NULL, NULL, NULL};
