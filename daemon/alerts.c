@@ -265,29 +265,6 @@ void kl_alerts_free(kl_alerts *a)
 
 /* ---- the API ---------------------------------------------------------- */
 
-json_t *kl_render_alert(const kl_daemon *d, const kl_alert *a)
-{
-    json_t *o = json_object();
-    json_object_set_new(o, "id", kl_json_id(KL_ID_ALERT, &a->id));
-    json_object_set_new(o, "type", json_string(kl_alert_type_name(a->type)));
-    if (!kl_id_is_zero(&a->key)) {
-        json_object_set_new(o, "key_id", kl_json_id(KL_ID_KEY, &a->key));
-        const kl_key *k = kl_proj_key(d->proj, &a->key);
-        if (k != NULL && k->owner.type == KL_PRINCIPAL_SA)
-            json_object_set_new(o, "service_account_id", kl_json_id(KL_ID_SA, &k->owner.id));
-    }
-    json_object_set_new(o, "created_at", kl_json_time(a->created_at));
-    json_object_set_new(o, "status", json_string(a->acked ? "acknowledged" : "open"));
-    json_t *det = json_loads(a->details, 0, NULL);
-    json_object_set_new(o, "details", det != NULL ? det : json_object());
-    if (a->acked) {
-        json_object_set_new(o, "acknowledged_at", kl_json_time(a->acked_at));
-        json_object_set_new(o, "acknowledged_by", kl_json_ref(&a->acked_by));
-    }
-    json_object_set_new(o, "version", json_integer((json_int_t)a->version));
-    return o;
-}
-
 void kl_h_alerts_list(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
@@ -322,7 +299,7 @@ void kl_h_alerts_list(kl_http_request *req)
             more = true;
             break;
         }
-        json_array_append_new(items, kl_render_alert(d, a));
+        json_array_append_new(items, kl_render_alert(d->proj, a));
         last = &a->id;
         n++;
     }
@@ -348,7 +325,7 @@ static int decide_ack(kl_daemon *d, kl_cmd *c)
 
 static int render_ack(kl_daemon *d, kl_cmd *c)
 {
-    kl_cmd_answer(d, c, 200, kl_render_alert(d, kl_proj_alert(d->proj, &c->target)));
+    kl_cmd_answer(d, c, 200, kl_render_alert(d->proj, kl_proj_alert(d->proj, &c->target)));
     return 0;
 }
 

@@ -29,239 +29,6 @@ enum {
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
-/* ---- an event as JSON ------------------------------------------------- */
-
-/* What an event is about, from its type's name: the catalogue names every
- * type for its subject (KeyRevoked, SessionCreated), so types added later
- * map themselves. First match wins. */
-static const struct {
-    const char *prefix;
-    kl_id_kind kind;
-} TARGETS[] = {
-    {"Org", KL_ID_ORG},
-    {"UsageLimits", KL_ID_ORG},
-    {"User", KL_ID_USER},
-    {"ServiceAccount", KL_ID_SA},
-    {"Key", KL_ID_KEY},
-    {"Usage", KL_ID_KEY},       /* UsageRecorded: one key's counts */
-    {"Auth", KL_ID_KEY},        /* AuthFailed: refusals of one key */
-    {"Computer", KL_ID_COMPUTER},
-    {"Session", KL_ID_SESSION},
-    {"Message", KL_ID_MESSAGE},
-    {"Alert", KL_ID_ALERT},
-};
-
-static const char *const TARGET_TYPES[KL_ID_KIND_COUNT] = {
-    [KL_ID_ORG] = "org",           [KL_ID_USER] = "user",
-    [KL_ID_SA] = "service_account", [KL_ID_KEY] = "api_key",
-    [KL_ID_ALERT] = "alert",       [KL_ID_COMPUTER] = "computer",
-    [KL_ID_SESSION] = "session",   [KL_ID_MESSAGE] = "message",
-};
-
-/* The kind of entity events of this type are about, or -1. */
-static int target_kind(kl_event_type t)
-{
-    const char *name = kl_event_type_name(t);
-    for (size_t i = 0; i < ARRAY_LEN(TARGETS); i++)
-        if (strncmp(name, TARGETS[i].prefix, strlen(TARGETS[i].prefix)) == 0)
-            return (int)TARGETS[i].kind;
-    return -1;
-}
-
-/* The org itself for org events; otherwise the event's id, if it has one. */
-static bool event_target(const kl_event *ev, kl_id_kind *kind, kl_id *id)
-{
-    int k = target_kind(ev->type);
-    if (k < 0 || (k != KL_ID_ORG && !(ev->has & KL_F_ID)))
-        return false;
-    *kind = (kl_id_kind)k;
-    *id = k == KL_ID_ORG ? ev->org : ev->id;
-    return true;
-}
-
-/* Text fields of `data`, shown as they are. */
-static const struct {
-    uint32_t bit;
-    const char *name;
-    size_t off;
-} TEXT_FIELDS[] = {
-    {KL_F_NAME, "name", offsetof(kl_event, name)},
-    {KL_F_DESCRIPTION, "description", offsetof(kl_event, description)},
-    {KL_F_EMAIL, "email", offsetof(kl_event, email)},
-    {KL_F_COMMENT, "comment", offsetof(kl_event, comment)},
-    {KL_F_TITLE, "title", offsetof(kl_event, title)},
-    {KL_F_CONTENT, "content", offsetof(kl_event, content)},
-};
-
-/* KL_F_REF, named as the API names it, by what the event is about. */
-static const struct {
-    kl_id_kind of;
-    kl_id_kind kind;
-    const char *name;
-} REFS[] = {
-    {KL_ID_SESSION, KL_ID_COMPUTER, "computer_id"},
-    {KL_ID_MESSAGE, KL_ID_SESSION, "session_id"},
-    {KL_ID_ALERT, KL_ID_KEY, "key_id"},
-};
-
-/* {names[i]: values[i]} for the values that are set (0 = no limit). */
-static json_t *limits_json(const char *const *names, const uint32_t *values,
-                           size_t n)
-{
-    json_t *o = json_object();
-    for (size_t i = 0; i < n; i++)
-        if (values[i] != 0)
-            json_object_set_new(o, names[i], json_integer(values[i]));
-    return o;
-}
-
-static json_t *principal_json(kl_principal type, const kl_id *id)
-{
-    kl_ref r = {type, *id};
-    return json_pack("{s:s,s:o}", "type", kl_principal_name(type), "id",
-                     kl_json_ref(&r));
-}
-
-/*
- * The event's body fields, one block per KL_F_ bit. Never shown: KL_F_HASH
- * (a secret's hash, API.md) and KL_F_IDEM (the caller's idempotency key and
- * our fingerprint of its request); KL_F_ID is the target.
- */
-static json_t *event_data(const kl_event *ev)
-{
-    static const char *const RATE[] = {"requests_per_minute", "requests_per_day"};
-    static const char *const LIMITS[] = {"requests_per_minute", "requests_per_day",
-                                         "requests_per_month"};
-    json_t *d = json_object();
-    uint32_t has = ev->has;
-    if (has & KL_F_ALERT) {
-        /* An alert's content is its details, a JSON object. */
-        json_object_set_new(d, "alert_type", json_string(kl_alert_type_name(ev->alert)));
-        json_t *det = json_loadb(ev->content.ptr, ev->content.len, 0, NULL);
-        json_object_set_new(d, "details", det != NULL ? det : json_object());
-        has &= ~(uint32_t)KL_F_CONTENT;
-    }
-    for (size_t i = 0; i < ARRAY_LEN(TEXT_FIELDS); i++) {
-        if (has & TEXT_FIELDS[i].bit) {
-            const kl_str *s = (const kl_str *)((const char *)ev + TEXT_FIELDS[i].off);
-            json_object_set_new(d, TEXT_FIELDS[i].name, json_stringn(s->ptr, s->len));
-        }
-    }
-    if (ev->has & KL_F_PREFIX) {
-        char p[64];
-        snprintf(p, sizeof p, "%.*s...", (int)(ev->prefix.len < 48 ? ev->prefix.len : 48),
-                 ev->prefix.ptr);
-        json_object_set_new(d, "prefix", json_string(p));
-    }
-    if (ev->has & KL_F_ROLE)
-        json_object_set_new(d, "role", json_string(kl_role_name(ev->role)));
-    if (ev->has & KL_F_OWNER)
-        json_object_set_new(d, "owner", principal_json(ev->owner_type, &ev->owner));
-    if (ev->has & KL_F_ENV)
-        json_object_set_new(d, "environment", json_string(kl_env_name(ev->env)));
-    if (ev->has & KL_F_ACCESS) {
-        json_t *perm = json_pack("{s:s}", "access", kl_access_name(ev->access));
-        if (ev->access == KL_ACCESS_FLOWS) {
-            json_t *flows = json_array();
-            for (uint32_t i = 0; i < ev->nflows; i++)
-                json_array_append_new(flows, json_stringn(ev->flows[i].ptr,
-                                                          ev->flows[i].len));
-            json_object_set_new(perm, "flows", flows);
-        }
-        json_object_set_new(d, "permissions", perm);
-    }
-    if (ev->has & KL_F_RATE_LIMIT) {
-        /* Both 0: the limit was taken away (PATCH "rate_limit": null). */
-        uint32_t v[] = {ev->rl_minute, ev->rl_day};
-        json_object_set_new(d, "rate_limit", v[0] || v[1]
-                                                 ? limits_json(RATE, v, 2)
-                                                 : json_null());
-    }
-    if (ev->has & KL_F_EXPIRES)
-        json_object_set_new(d, "expires_at", ev->expires_at != 0
-                                                 ? kl_json_time(ev->expires_at)
-                                                 : json_null());
-    if (ev->has & KL_F_GRACE)
-        json_object_set_new(d, "grace_until", kl_json_time(ev->grace_until));
-    if (ev->has & KL_F_ACTIVE)
-        json_object_set_new(d, "is_active", json_boolean(ev->active));
-    if (ev->has & KL_F_LIMITS) {
-        uint32_t v[] = {ev->lim_minute, ev->lim_day, ev->lim_month};
-        json_object_set_new(d, "usage_limits", limits_json(LIMITS, v, 3));
-    }
-    if (ev->has & KL_F_AUTHOR)          /* a message's role, as posted */
-        json_object_set_new(d, "role", json_string(kl_author_name(ev->author)));
-    for (size_t i = 0; (ev->has & KL_F_REF) && i < ARRAY_LEN(REFS); i++)
-        if ((int)REFS[i].of == target_kind(ev->type))
-            json_object_set_new(d, REFS[i].name, kl_json_id(REFS[i].kind, &ev->ref));
-    if (ev->has & KL_F_USAGE) {
-        json_t *u = json_pack("{s:o,s:o,s:I,s:I}", "from", kl_json_time(ev->usage_from),
-                              "to", kl_json_time(ev->usage_to),
-                              "successes", (json_int_t)ev->successes,
-                              "failures", (json_int_t)ev->failures);
-        if (ev->last_used != 0)
-            json_object_set_new(u, "last_used_at", kl_json_time(ev->last_used));
-        json_object_set_new(d, "usage", u);
-    }
-    if (ev->has & KL_F_AUTH) {
-        json_t *why = json_object();
-        for (int i = 1; i < KL_FAIL_REASONS; i++)
-            if (ev->auth_counts[i] != 0)
-                json_object_set_new(why, kl_fail_reason_name((kl_fail_reason)i),
-                                    json_integer((json_int_t)ev->auth_counts[i]));
-        json_object_set_new(d, "from", kl_json_time(ev->usage_from));
-        json_object_set_new(d, "to", kl_json_time(ev->usage_to));
-        json_object_set_new(d, "reasons", why);
-    }
-    if (ev->has & KL_F_FLOW_USAGE) {
-        json_t *flows = json_array();
-        for (uint32_t i = 0; i < ev->nflows; i++)
-            json_array_append_new(flows, json_pack("{s:s%,s:I,s:I}", "flow",
-                                                   ev->flows[i].ptr,
-                                                   (size_t)ev->flows[i].len,
-                                                   "successes",
-                                                   (json_int_t)ev->flow_successes[i],
-                                                   "failures",
-                                                   (json_int_t)ev->flow_failures[i]));
-        json_object_set_new(d, "flows", flows);
-    }
-    return d;
-}
-
-json_t *kl_audit_event_json(const kl_event *ev, const uint8_t hash[KL_HASH_LEN])
-{
-    /* Events have no id of their own in the log: the seq is their identity
-     * in the chain, the same after every restart and replay. The id is that
-     * seq as 20 digits after "evt_": sortable as text, and never taken for
-     * one of the contract's 26-character typed ids. */
-    char id[32], hex[2 * KL_HASH_LEN + 1];
-    snprintf(id, sizeof id, "evt_%020" PRIu64, ev->seq);
-    kl_hex(hash, KL_HASH_LEN, hex);
-
-    json_t *actor = principal_json(ev->actor.type, &ev->actor.id);
-    if (!kl_id_is_zero(&ev->actor.key_id))
-        json_object_set_new(actor, "key_id", kl_json_id(KL_ID_KEY, &ev->actor.key_id));
-    json_t *o = json_object();
-    json_object_set_new(o, "seq", json_integer((json_int_t)ev->seq));
-    json_object_set_new(o, "id", json_string(id));
-    json_object_set_new(o, "type", json_string(kl_event_type_name(ev->type)));
-    json_object_set_new(o, "category",
-                        json_string(kl_category_name(kl_event_category(ev->type))));
-    json_object_set_new(o, "occurred_at", kl_json_time(ev->ts));
-    json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &ev->org));
-    json_object_set_new(o, "actor", actor);
-    kl_id_kind kind;
-    kl_id target;
-    if (event_target(ev, &kind, &target))
-        json_object_set_new(o, "target", json_pack("{s:s,s:o}", "type", TARGET_TYPES[kind],
-                                                   "id", kl_json_id(kind, &target)));
-    json_object_set_new(o, "data", event_data(ev));
-    if (!kl_id_is_zero(&ev->request_id))
-        json_object_set_new(o, "request_id", kl_json_id(KL_ID_REQUEST, &ev->request_id));
-    json_object_set_new(o, "hash", json_string(hex));
-    return o;
-}
-
 /* ---- the query -------------------------------------------------------- */
 
 static bool type_wanted(const kl_audit_filter *f, kl_event_type t)
@@ -282,7 +49,7 @@ static bool event_wanted(const kl_audit_filter *f, const kl_event *ev)
     if (f->has_target) {
         kl_id_kind kind;
         kl_id id;
-        if (!event_target(ev, &kind, &id) || kind != f->target_kind ||
+        if (!kl_event_target(ev, &kind, &id) || kind != f->target_kind ||
             !kl_id_eq(&id, &f->target))
             return false;
     }
@@ -357,7 +124,7 @@ int kl_audit_query(kl_daemon *d, const kl_org *org, const kl_audit_filter *f,
                 }
                 uint8_t hash[KL_HASH_LEN];
                 kl_sha256(payload.data, payload.len, hash);
-                json_array_append_new(events, kl_audit_event_json(&ev, hash));
+                json_array_append_new(events, kl_render_event(&ev, hash));
                 n++;
             }
         }
@@ -483,7 +250,7 @@ int kl_audit_parse(kl_daemon *d, kl_http_request *req, uint32_t categories,
     if ((q = kl_http_query(req, "target", buf, sizeof buf)) != 0) {
         int k = KL_ID_KIND_COUNT;
         for (int i = 0; q > 0 && i < KL_ID_KIND_COUNT && k == KL_ID_KIND_COUNT; i++)
-            if (TARGET_TYPES[i] != NULL &&
+            if (i != KL_ID_REQUEST &&
                 kl_id_parse((kl_id_kind)i, buf, strlen(buf), &f->target) == KL_OK)
                 k = i;
         if (k == KL_ID_KIND_COUNT) {

@@ -207,7 +207,6 @@ void kl_alert_raise(kl_daemon *d, kl_org *org, kl_alert_type type, const kl_key 
  * the threshold. */
 void kl_alert_failures(kl_daemon *d, const kl_key *k, const char *addr,
                        uint32_t failures, int64_t now);
-json_t *kl_render_alert(const kl_daemon *d, const kl_alert *a);
 void kl_h_alerts_list(kl_http_request *req);
 void kl_h_alerts_ack(kl_http_request *req);
 
@@ -359,18 +358,6 @@ int kl_api_page(kl_http_request *req, kl_id_kind kind, kl_page *pg);
 json_t *kl_api_page_body(const char *name, json_t *items, kl_id_kind kind,
                          const kl_id *last, bool more);
 
-/* Rendering entities (render.c). */
-json_t *kl_render_key(const kl_key *k, int64_t now);
-json_t *kl_render_org(const kl_org *o);
-json_t *kl_render_limits(const kl_org *o);   /* the org's usage_limits */
-json_t *kl_render_user(const kl_user *u);
-json_t *kl_render_sa(const kl_sa *s);
-json_t *kl_render_computer(const kl_computer *c);
-json_t *kl_render_session(const kl_session *s);
-json_t *kl_render_message(const kl_message *m);
-json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
-json_t *kl_json_time(int64_t ms);
-json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */
 
 /* The time used for a request: wall clock in ms. */
 int64_t kl_daemon_now(const kl_daemon *d);
@@ -404,7 +391,6 @@ typedef struct kl_audit_filter {
 } kl_audit_filter;
 
 /* One event as the audit API shows it; `hash` is its record's chain hash. */
-json_t *kl_audit_event_json(const kl_event *ev, const uint8_t hash[KL_HASH_LEN]);
 /* Parses the query string for a view serving `categories` (the category
  * filter may narrow it, not widen it). Answers 400 and returns non-zero
  * on a bad parameter. */

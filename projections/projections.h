@@ -13,6 +13,8 @@
 #ifndef KL_PROJECTIONS_H
 #define KL_PROJECTIONS_H
 
+#include <jansson.h>
+
 #include "log.h"
 
 typedef struct kl_proj kl_proj;
@@ -267,5 +269,27 @@ typedef struct kl_proj_stats {
     uint64_t orgs, users, sas, keys, idem, computers, sessions;
 } kl_proj_stats;
 void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st);
+
+/* ---- as JSON (render.c) ------------------------------------------------ */
+
+/* The contract's objects; each returns a new reference. `now` decides a
+ * key's status and is_active. */
+json_t *kl_render_key(const kl_key *k, int64_t now);
+json_t *kl_render_org(const kl_org *o);
+json_t *kl_render_limits(const kl_org *o);   /* the org's usage_limits */
+json_t *kl_render_user(const kl_user *u);
+json_t *kl_render_sa(const kl_sa *s);
+json_t *kl_render_computer(const kl_computer *c);
+json_t *kl_render_session(const kl_session *s);
+json_t *kl_render_message(const kl_message *m);
+json_t *kl_render_alert(const kl_proj *p, const kl_alert *a);
+json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
+json_t *kl_json_time(int64_t ms);
+json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */
+/* An event as the audit history and `keyledger replay` show it (API.md
+ * "Audit history"; docs/audit.md): `hash` is its record's chain hash. */
+json_t *kl_render_event(const kl_event *ev, const uint8_t hash[KL_HASH_LEN]);
+/* What an event is about (its `target`): false when nothing. */
+bool kl_event_target(const kl_event *ev, kl_id_kind *kind, kl_id *id);
 
 #endif
