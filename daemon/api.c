@@ -119,8 +119,8 @@ kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
     uint8_t h[KL_HASH_LEN];
     kl_sha256(secret, len, h);
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
-    if (!match && k->old_until > now)
-        match = CRYPTO_memcmp(h, k->old_hash, KL_HASH_LEN) == 0;
+    if (!match && k->grace != NULL && k->grace->until > now)
+        match = CRYPTO_memcmp(h, k->grace->old_hash, KL_HASH_LEN) == 0;
     if (k->deleted)
         *why = KL_FAIL_DELETED;
     else if (!match)

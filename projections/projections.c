@@ -128,7 +128,10 @@ static void key_free(kl_key *k)
         free(k->usage->items);
     free(k->usage);
     free(k->strings);
-    free(k->revoked_comment);
+    free(k->grace);
+    if (k->revocation != NULL)
+        free(k->revocation->comment);
+    free(k->revocation);
     free(k);
 }
 
@@ -493,8 +496,15 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
     case KL_EV_KEY_REGENERATED:
         if (k->revoked)
             return misfit(err, ev, "key is revoked");
-        memcpy(k->old_hash, k->hash, KL_HASH_LEN);
-        k->old_until = ev->has & KL_F_GRACE ? ev->grace_until : 0;
+        if (ev->has & KL_F_GRACE) {
+            if (k->grace == NULL && (k->grace = malloc(sizeof *k->grace)) == NULL)
+                return KL_ENOMEM;
+            memcpy(k->grace->old_hash, k->hash, KL_HASH_LEN);
+            k->grace->until = ev->grace_until;
+        } else {
+            free(k->grace);
+            k->grace = NULL;
+        }
         memcpy(k->hash, ev->hash, KL_HASH_LEN);
         prefix_set(k, ev->prefix);
         k->rotated_at = ev->ts;
@@ -502,13 +512,19 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
     case KL_EV_KEY_REVOKED:
         if (k->revoked)
             return misfit(err, ev, "key already revoked");
-        if ((ev->has & KL_F_COMMENT) &&
-            (k->revoked_comment = str_dup(ev->comment)) == NULL)
+        if ((k->revocation = calloc(1, sizeof *k->revocation)) == NULL)
             return KL_ENOMEM;
+        if ((ev->has & KL_F_COMMENT) &&
+            (k->revocation->comment = str_dup(ev->comment)) == NULL) {
+            free(k->revocation);
+            k->revocation = NULL;
+            return KL_ENOMEM;
+        }
         k->revoked = true;
-        k->revoked_at = ev->ts;
-        k->revoked_by = actor_ref(ev);
-        k->old_until = 0;
+        k->revocation->at = ev->ts;
+        k->revocation->by = actor_ref(ev);
+        free(k->grace);         /* revoking ends a grace period too */
+        k->grace = NULL;
         break;
     default: /* KL_EV_KEY_DELETED */
         k->deleted = true;

@@ -98,38 +98,51 @@ typedef struct kl_usage_series {
     uint32_t len, cap;
 } kl_usage_series;
 
+/* The secret before a regenerate, valid until `until`: only while a grace
+ * period runs (most keys never have one, so it is not in kl_key). */
+typedef struct kl_key_grace {
+    uint8_t old_hash[KL_HASH_LEN];
+    int64_t until;
+} kl_key_grace;
+
+/* Who revoked a key, when and why. */
+typedef struct kl_key_revocation {
+    int64_t at;
+    kl_ref by;
+    char *comment;              /* NULL = none */
+} kl_key_revocation;
+
+/* Fields are ordered so that the struct packs without holes: a key is the
+ * entity there are most of. */
 typedef struct kl_key {
     kl_id id;
-    kl_org *org;
     kl_ref owner;
-    void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
     kl_ref created_by;
+    kl_org *org;
+    void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
     char *name;                 /* name, description and flows point into */
     char *description;          /* `strings`, one allocation */
     char *strings;
+    char **flows;
+    kl_usage_series *usage;     /* NULL until used */
+    kl_key_grace *grace;        /* NULL: the old secret no longer works */
+    kl_key_revocation *revocation; /* NULL unless revoked */
+    int64_t created_at, updated_at;
+    int64_t expires_at;         /* 0 = never */
+    int64_t rotated_at;         /* created or last regenerated */
+    int64_t last_used_at;       /* 0 = never */
+    uint64_t version;
+    uint8_t hash[KL_HASH_LEN];  /* SHA-256 of the current secret */
     char prefix[20];            /* the display prefix: the secret's first
                                    16 characters (longer only if an event
                                    says so; kept up to 19) */
     kl_env env;
     kl_access access;
-    char **flows;
     uint32_t nflows;
     uint32_t rl_minute, rl_day; /* 0 = no limit */
-    int64_t created_at, updated_at;
-    int64_t expires_at;         /* 0 = never */
-    int64_t rotated_at;         /* created or last regenerated */
-    int64_t last_used_at;       /* 0 = never */
-    uint8_t hash[KL_HASH_LEN];  /* SHA-256 of the current secret */
-    uint8_t old_hash[KL_HASH_LEN]; /* the secret before a regenerate ... */
-    int64_t old_until;          /* ... valid until then (0 = not at all) */
-    bool revoked, deleted;
-    int64_t revoked_at;
-    kl_ref revoked_by;
-    char *revoked_comment;
-    uint64_t version;
-    kl_usage_series *usage;     /* NULL until used */
     uint32_t usage_slot;        /* the daemon's usage entry + 1;
                                    not state: the fold never reads it */
+    bool revoked, deleted;
 } kl_key;
 
 /* Resources owned by principals (the Factory public API's computers and

@@ -84,11 +84,12 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
         json_object_set_new(o, "expires_at", kl_json_time(k->expires_at));
     json_object_set_new(o, "is_active", json_boolean(kl_key_usable(k, now)));
     json_object_set_new(o, "status", json_string(kl_key_status_name(st)));
-    if (k->revoked) {
-        json_object_set_new(o, "revoked_at", kl_json_time(k->revoked_at));
-        json_object_set_new(o, "revoked_by", kl_json_ref(&k->revoked_by));
-        if (k->revoked_comment != NULL)
-            json_object_set_new(o, "revoked_comment", json_string(k->revoked_comment));
+    if (k->revocation != NULL) {
+        const kl_key_revocation *r = k->revocation;
+        json_object_set_new(o, "revoked_at", kl_json_time(r->at));
+        json_object_set_new(o, "revoked_by", kl_json_ref(&r->by));
+        if (r->comment != NULL)
+            json_object_set_new(o, "revoked_comment", json_string(r->comment));
     }
     json_object_set_new(o, "version", json_integer((json_int_t)k->version));
     return o;

@@ -211,7 +211,12 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
     else
         assert_ptr_equal(kl_proj_sa(p, &k->owner.id), k->owner_ptr);
     kl_hex(k->hash, KL_HASH_LEN, h);
-    kl_hex(k->old_hash, KL_HASH_LEN, oh);
+    static const kl_key_grace no_grace;
+    static const kl_key_revocation no_revocation;
+    const kl_key_grace *g = k->grace != NULL ? k->grace : &no_grace;
+    const kl_key_revocation *r = k->revocation != NULL ? k->revocation : &no_revocation;
+    assert_true(k->revoked == (k->revocation != NULL));
+    kl_hex(g->old_hash, KL_HASH_LEN, oh);
     kl_buf_printf(b, "key %s org=%s owner=%d:%s by=%d:%s name=[%s] desc=[%s] "
                   "prefix=[%s] env=%d access=%d flows=%u",
                   idtxt(&k->id, a), idtxt(&k->org->id, c), k->owner.type,
@@ -225,10 +230,10 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
                   "revoked_by=%d:%s comment=[%s] v=%llu\n",
                   k->rl_minute, k->rl_day, (long long)k->created_at,
                   (long long)k->updated_at, (long long)k->expires_at,
-                  (long long)k->last_used_at, h, oh, (long long)k->old_until,
-                  k->revoked, k->deleted, (long long)k->revoked_at,
-                  k->revoked_by.type, idtxt(&k->revoked_by.id, a),
-                  k->revoked_comment != NULL ? k->revoked_comment : "(none)",
+                  (long long)k->last_used_at, h, oh, (long long)g->until,
+                  k->revoked, k->deleted, (long long)r->at,
+                  r->by.type, idtxt(&r->by.id, a),
+                  r->comment != NULL ? r->comment : "(none)",
                   (unsigned long long)k->version);
 }
 
@@ -440,10 +445,10 @@ static void test_key_lifecycle(void **state)
     assert_int_equal(k->updated_at, created);
     assert_int_equal(k->last_used_at, 0);
     assert_memory_equal(k->hash, h1, KL_HASH_LEN);
-    assert_int_equal(k->old_until, 0);
+    assert_null(k->grace);
     assert_false(k->revoked);
     assert_false(k->deleted);
-    assert_null(k->revoked_comment);
+    assert_null(k->revocation);
     assert_int_equal(k->version, 1);
     assert_int_equal(o->keys.len, 1);
     assert_ptr_equal(o->keys.items[0], k);
@@ -504,8 +509,9 @@ static void test_key_lifecycle(void **state)
     uint8_t h2[KL_HASH_LEN];
     memset(h2, 0x22, sizeof h2);
     assert_memory_equal(k->hash, h2, KL_HASH_LEN);
-    assert_memory_equal(k->old_hash, h1, KL_HASH_LEN);
-    assert_int_equal(k->old_until, grace);
+    assert_non_null(k->grace);
+    assert_memory_equal(k->grace->old_hash, h1, KL_HASH_LEN);
+    assert_int_equal(k->grace->until, grace);
     assert_string_equal(k->prefix, "kl_live_abcdefgh");
     assert_int_equal(k->version, 5);
     /* And without one: the old secret stops at once. */
@@ -514,8 +520,7 @@ static void test_key_lifecycle(void **state)
     memset(ev.hash, 0x33, KL_HASH_LEN);
     ev.prefix = S("kl_live_zz");
     apply_ok(w, &ev);
-    assert_memory_equal(k->old_hash, h2, KL_HASH_LEN);
-    assert_int_equal(k->old_until, 0);
+    assert_null(k->grace);
     assert_string_equal(k->prefix, "kl_live_zz");
     /* A prefix longer than the field is cut to fit, never overflows. */
     ev = id_event(w, KL_EV_KEY_REGENERATED, &kid);
@@ -532,7 +537,7 @@ static void test_key_lifecycle(void **state)
     ev.prefix = S("kl_live_yy");
     ev.grace_until = w->ts + 3600000;
     apply_ok(w, &ev);
-    assert_int_equal(k->old_until, ev.grace_until);
+    assert_int_equal(k->grace->until, ev.grace_until);
 
     ev = id_event(w, KL_EV_KEY_REVOKED, &kid);
     ev.has |= KL_F_COMMENT;
@@ -540,11 +545,11 @@ static void test_key_lifecycle(void **state)
     apply_ok(w, &ev);
     const int64_t revoked_at = ev.ts;
     assert_true(k->revoked);
-    assert_int_equal(k->revoked_at, revoked_at);
-    assert_int_equal(k->revoked_by.type, KL_PRINCIPAL_USER);
-    assert_true(kl_id_eq(&k->revoked_by.id, &uid));
-    assert_string_equal(k->revoked_comment, "leaked in a gist");
-    assert_int_equal(k->old_until, 0);
+    assert_int_equal(k->revocation->at, revoked_at);
+    assert_int_equal(k->revocation->by.type, KL_PRINCIPAL_USER);
+    assert_true(kl_id_eq(&k->revocation->by.id, &uid));
+    assert_string_equal(k->revocation->comment, "leaked in a gist");
+    assert_null(k->grace);
     assert_int_equal(kl_key_status_at(k, revoked_at), KL_KEY_REVOKED);
     assert_int_equal(kl_key_status_at(k, 0), KL_KEY_REVOKED);
     assert_false(k->deleted);
@@ -567,7 +572,7 @@ static void test_key_lifecycle(void **state)
     kl_id k2 = key_created(w, KL_PRINCIPAL_USER, &uid);
     simple(w, KL_EV_KEY_REVOKED, &k2);
     assert_true(kl_proj_key(w->p, &k2)->revoked);
-    assert_null(kl_proj_key(w->p, &k2)->revoked_comment);
+    assert_null(kl_proj_key(w->p, &k2)->revocation->comment);
     world_free(w);
 }
 
