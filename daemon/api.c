@@ -187,8 +187,12 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
         kl_api_error(req, 401, "unauthenticated", BAD_KEY, NULL);
         return -1;
     }
+    /* The usage limits themselves stay reachable: an org at its quota
+     * must be able to read and raise it. */
     kl_ratelimit rl;
-    kl_rl_verdict v = kl_usage_admit(d->usage, k, 1, now, &rl);
+    kl_rl_verdict v = strcmp(req->route, "/v1/org/usage-limits") == 0
+                          ? KL_RL_OK
+                          : kl_usage_admit(d->usage, k, 1, now, &rl);
     if (v == KL_RL_OK)
         kl_usage_note(d->usage, k, (kl_str){"", 0}, 1, now);
     else

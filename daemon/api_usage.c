@@ -11,10 +11,8 @@
  * the requested granularity over a range widened to whole buckets (the
  * data has no finer grain than an hour).
  *
- * The org's deleted keys are not in org->keys, but their usage stays in the
- * org's report: their ids come from the KeyDeleted events in the org's
- * history, read through the daemon's kl_log_reader (as the audit views
- * read events).
+ * The org's deleted keys (org->deleted_keys) stay in the org's report:
+ * their usage happened.
  */
 #include "daemon.h"
 
@@ -217,43 +215,17 @@ static int key_cmp(const void *a, const void *b)
 
 /* Every key of the org that was ever used, deleted ones included, in id
  * order. */
-static int org_keys(kl_daemon *d, const kl_org *org, key_list *out, kl_err *err)
+static int org_keys(const kl_org *org, key_list *out)
 {
+    const kl_vec *lists[] = {&org->keys, &org->deleted_keys};
     int rc = KL_OK;
-    for (uint32_t i = 0; i < org->keys.len && rc == KL_OK; i++) {
-        kl_key *k = org->keys.items[i];
-        if (k->usage != NULL)
-            rc = key_list_push(out, k);
-    }
-    kl_buf payload = {0};
-    for (uint64_t i = 0; i < org->history_len && rc == KL_OK; i++) {
-        uint64_t h = org->history[i];
-        if (KL_HISTORY_TYPE(h) != KL_EV_KEY_DELETED)
-            continue;
-        if (d->reader == NULL)
-            rc = kl_log_reader_open(d->cfg.data_dir, &d->reader, err);
-        if (rc == KL_OK)
-            rc = kl_log_reader_get(d->reader, KL_HISTORY_SEQ(h), &payload, NULL, err);
-        kl_record_head head;
-        kl_event ev;
-        if (rc == KL_OK)
-            rc = kl_event_decode((const uint8_t *)payload.data, payload.len, &head,
-                                 &ev, err);
-        if (rc != KL_OK)
-            break;
-        /* The history and the log disagreeing must never show one org
-         * another's key. */
-        if (ev.seq != KL_HISTORY_SEQ(h) || !kl_id_eq(&ev.org, &org->id)) {
-            kl_err_set(err, "record %" PRIu64 " is not the org's event %" PRIu64,
-                       ev.seq, KL_HISTORY_SEQ(h));
-            rc = KL_ECORRUPT;
-            break;
+    for (size_t l = 0; l < 2; l++) {
+        for (uint32_t i = 0; i < lists[l]->len && rc == KL_OK; i++) {
+            kl_key *k = lists[l]->items[i];
+            if (k->usage != NULL)
+                rc = key_list_push(out, k);
         }
-        kl_key *k = kl_proj_key(d->proj, &ev.id);
-        if (k != NULL && k->org == org && k->deleted && k->usage != NULL)
-            rc = key_list_push(out, k);
     }
-    kl_buf_free(&payload);
     if (rc == KL_OK && out->len > 1)
         qsort(out->items, out->len, sizeof *out->items, key_cmp);
     return rc;
@@ -409,19 +381,11 @@ static void answer_csv(kl_http_request *req, const range *r, const char *id,
 
 /* ---- the two reports -------------------------------------------------- */
 
-/* The error a report answers when it could not be built: out of memory
- * (503, as the other handlers answer it) or an unreadable log (500). */
-static void answer_failure(kl_daemon *d, kl_http_request *req, int rc,
-                           const kl_err *err)
+/* A report that could not be built: out of memory, answered 503 as the
+ * other handlers answer it. */
+static void answer_failure(kl_http_request *req)
 {
-    if (rc == KL_ENOMEM) {
-        kl_api_error(req, 503, "unavailable", "out of memory", NULL);
-        return;
-    }
-    KL_LOGF(&d->logger, KL_ERROR, "%s %s: cannot read the org's deleted keys: %s",
-            req->request_id, req->route, err != NULL ? err->msg : "");
-    kl_api_error(req, 500, "internal", "cannot read the usage history from the log",
-                 NULL);
+    kl_api_error(req, 503, "unavailable", "out of memory", NULL);
 }
 
 /* The report of one key, for JSON; NULL when out of memory. */
@@ -467,7 +431,7 @@ static void report_key(kl_daemon *d, kl_http_request *req, const range *r,
     }
 cleanup:
     if (rc != KL_OK)
-        answer_failure(d, req, rc, NULL);
+        answer_failure(req);
     kl_buf_free(&body);
     free(buckets);
     free(flows);
@@ -537,7 +501,6 @@ static void report_org(kl_daemon *d, kl_http_request *req, const range *r,
                        const kl_org *org)
 {
     key_list keys = {0};
-    kl_err err = {0};
     kl_buf body = {0};
     tally *buckets = calloc(r->nbuckets ? r->nbuckets : 1, sizeof *buckets);
     uint64_t *flows = calloc(org->nflow_names ? org->nflow_names : 1, sizeof *flows);
@@ -545,7 +508,7 @@ static void report_org(kl_daemon *d, kl_http_request *req, const range *r,
     int rc = KL_ENOMEM;
     if (buckets == NULL || flows == NULL)
         goto cleanup;
-    rc = org_keys(d, org, &keys, &err);
+    rc = org_keys(org, &keys);
     if (rc != KL_OK)
         goto cleanup;
     if (r->csv) {
@@ -564,7 +527,7 @@ static void report_org(kl_daemon *d, kl_http_request *req, const range *r,
         answer_json(req, o);
 cleanup:
     if (rc != KL_OK)
-        answer_failure(d, req, rc, &err);
+        answer_failure(req);
     kl_buf_free(&body);
     free(keys.items);
     free(buckets);

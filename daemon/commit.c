@@ -46,6 +46,9 @@ struct kl_commit {
     kl_log_mark mark;           /* the head before the batch */
     int result;
     bool synced;                /* the job ended with an fsync */
+    uint64_t sync_ns;           /* how long that fsync took (measured on the
+                                   pool, counted on the loop) */
+    uint32_t nrecords;          /* records in the inflight batch */
     kl_err err;
     bool dirty;                 /* written but not fsynced (batch/off) */
     uint64_t last_sync_ns;
@@ -118,6 +121,8 @@ void kl_cmd_free(kl_cmd *c)
     kl_buf_free(&c->events);
     free(c->event_ends);
     json_decref(c->body);
+    if (c->data_free != NULL && c->data != NULL)
+        c->data_free(c->data);
     free(c->data);
     /* The secret was in memory only for the answer. */
     OPENSSL_cleanse(c->secret, sizeof c->secret);
@@ -175,10 +180,13 @@ int kl_cmd_event(kl_daemon *d, kl_cmd *c, kl_event *ev)
     return rc;
 }
 
-static void answer_unavailable(kl_cmd *c, const char *why)
+/* The command's events will not be written: say so to whoever waits. */
+static void answer_unavailable(kl_daemon *d, kl_cmd *c, const char *why)
 {
     if (c->req != NULL)
         kl_api_error(c->req, 503, "unavailable", why, NULL);
+    if (c->failed != NULL)
+        c->failed(d, c);
 }
 
 static void kick(kl_commit *cm);
@@ -208,7 +216,7 @@ void kl_cmd_submit(kl_daemon *d, kl_cmd *c)
     kl_commit *cm = d->commit;
     const char *why = kl_commit_unavailable(cm);
     if (why != NULL) {
-        answer_unavailable(c, why);
+        answer_unavailable(d, c, why);
         kl_cmd_free(c);
         return;
     }
@@ -226,20 +234,26 @@ static void on_work(uv_work_t *w)
 {
     kl_commit *cm = w->data;
     kl_daemon *d = cm->d;
+    uint64_t t0 = uv_hrtime();
     cm->synced = false;
     if (cm->job == JOB_SYNC) {
         cm->result = kl_log_sync(d->log, &cm->err);
         cm->synced = true;
+        cm->sync_ns = uv_hrtime() - t0;
         return;
     }
-    /* --fsync always: kl_log_write syncs. batch: at most every 10 ms, here
-     * or on the timer. off: never. */
+    /* --fsync always: kl_log_write syncs (so its time is the write's and
+     * the fsync's together). batch: at most every 10 ms, here or on the
+     * timer. off: never. */
     cm->result = kl_log_write(d->log, &cm->batch, &cm->mark, &cm->err);
     cm->synced = d->cfg.fsync == KL_FSYNC_ALWAYS;
+    cm->sync_ns = uv_hrtime() - t0;
     if (cm->result == KL_OK && d->cfg.fsync == KL_FSYNC_BATCH &&
         uv_hrtime() - cm->last_sync_ns >= SYNC_INTERVAL_MS * 1000000ull) {
+        t0 = uv_hrtime();
         cm->result = kl_log_sync(d->log, &cm->err);
         cm->synced = true;
+        cm->sync_ns = uv_hrtime() - t0;
     }
 }
 
@@ -313,6 +327,15 @@ static void on_work_done(uv_work_t *w, int status)
     cm->busy = false;
     int rc = status == 0 ? cm->result : KL_EIO;
 
+    if (rc != KL_OK) {
+        kl_metrics_log_error(d->metrics);
+    } else {
+        if (cm->job == JOB_WRITE)
+            kl_metrics_log_batch(d->metrics, cm->nrecords, cm->batch.len);
+        if (cm->synced)
+            kl_metrics_log_fsync(d->metrics, cm->sync_ns);
+    }
+
     if (rc == KL_OK && cm->synced) {
         cm->dirty = false;
         cm->last_sync_ns = uv_hrtime();
@@ -343,7 +366,7 @@ static void on_work_done(uv_work_t *w, int status)
                 if (c->render != NULL)
                     c->render(d, c);
             } else {
-                answer_unavailable(c, why);
+                answer_unavailable(d, c, why);
             }
             kl_cmd_free(c);
         }
@@ -382,6 +405,7 @@ static void on_seal(uv_check_t *h)
     kl_daemon *d = cm->d;
     kl_log_mark_get(d->log, &cm->mark);
     cm->batch.len = 0;
+    cm->nrecords = 0;
     int rc = KL_OK;
     for (kl_cmd *c = cm->pending.head; c != NULL && rc == KL_OK; c = c->next) {
         uint32_t start = 0;
@@ -394,6 +418,7 @@ static void on_seal(uv_check_t *h)
                 c->first_seq = seq;
             start = c->event_ends[i];
         }
+        cm->nrecords += c->nevents;
     }
     cm->inflight = cm->pending;
     cm->pending = (queue){NULL, NULL};

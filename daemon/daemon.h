@@ -56,6 +56,7 @@ typedef struct kl_idem_cache kl_idem_cache;
 typedef struct kl_usage kl_usage;
 typedef struct kl_throttle kl_throttle;
 typedef struct kl_alerts kl_alerts;
+typedef struct kl_metrics kl_metrics;
 
 typedef struct kl_daemon {
     kl_config cfg;
@@ -70,6 +71,7 @@ typedef struct kl_daemon {
     kl_usage *usage;
     kl_throttle *throttle;      /* failed verifications per address */
     kl_alerts *alerts;
+    kl_metrics *metrics;        /* what GET /metrics shows */
     kl_log_reader *reader;      /* audit reads; opened on first use */
     bool ready;                 /* replay done */
     bool stopping;
@@ -115,7 +117,8 @@ struct kl_cmd {
     bool shared[KL_CMD_MAX_LOCKS]; /* reads the entity, does not change it */
     int nlocks;
     kl_cmd_fn decide;
-    kl_cmd_fn render;
+    kl_cmd_fn render;           /* after its events are applied */
+    kl_cmd_fn failed;           /* instead, when they cannot be written */
     int64_t now;                /* the time stamped on its events */
     kl_buf events;              /* encoded event bodies, back to back */
     uint32_t *event_ends;       /* where each body ends in events */
@@ -129,7 +132,8 @@ struct kl_cmd {
     /* What the handler parsed, for decide and render. */
     json_t *body;               /* owned */
     kl_id target;
-    void *data;                 /* handler's own, freed with free() */
+    void *data;                 /* handler's own, freed with free() ... */
+    void (*data_free)(void *);  /* ... after this, when set */
     char secret[KL_SECRET_MAX]; /* a new key's secret, shown once */
 };
 
@@ -187,6 +191,42 @@ kl_rl_verdict kl_usage_admit(kl_usage *u, kl_key *k, uint32_t cost, int64_t now,
 void kl_usage_flush(kl_usage *u);
 void kl_usage_free(kl_usage *u);
 
+/* ---- metrics (metrics.c) ---------------------------------------------- */
+
+/*
+ * The numbers GET /metrics shows (Prometheus text format 0.0.4; the
+ * families are listed in docs/api-notes.md "Metrics"). Counted only on the
+ * loop thread: what is measured on the pool (fsync time) is handed over in
+ * the job's after-work callback, so nothing needs atomics. The arrays are
+ * sized from the route table once; counting never allocates. Every
+ * kl_metrics_* call takes m == NULL and then counts nothing.
+ */
+
+/* Verification outcomes: the codes verify.c answers, by outcome index. */
+enum { KL_VERIFY_NCODES = 8 };
+extern const char *const kl_verify_codes[KL_VERIFY_NCODES];
+
+/* `routes` (borrowed, must outlive the metrics) is the server's table,
+ * `start_ms` the wall-clock time the process started. */
+int kl_metrics_new(kl_metrics **out, const kl_http_route *routes,
+                   int64_t start_ms);
+void kl_metrics_free(kl_metrics *m);
+/* The HTTP server's observer (kl_http_observer; ctx is the daemon). */
+void kl_metrics_observe(const kl_http_request *req, int status,
+                        uint64_t duration_ns, void *ctx);
+/* One verification answered 200 with kl_verify_codes[outcome]. */
+void kl_metrics_verify(kl_metrics *m, int outcome);
+/* A batch of `records` records, `bytes` bytes in all, is in the log. */
+void kl_metrics_log_batch(kl_metrics *m, uint32_t records, uint64_t bytes);
+/* An fsync of the log took `ns` (with --fsync always: the batch's write
+ * and its fsync together). */
+void kl_metrics_log_fsync(kl_metrics *m, uint64_t ns);
+/* A batch could not be framed, written or synced, or a sync failed. */
+void kl_metrics_log_error(kl_metrics *m);
+/* GET /metrics, without authentication: counts, durations and sizes, no
+ * ids and no secrets. */
+void kl_h_metrics(kl_http_request *req);
+
 /* ---- verification (verify.c) ------------------------------------------ */
 
 /* Sets up what verification needs (the throttle table, jansson's
@@ -235,6 +275,11 @@ extern const kl_http_route kl_routes[];
 /* Route handlers (the table is in routes.c). */
 void kl_h_healthz(kl_http_request *req);
 void kl_h_readyz(kl_http_request *req);
+/* GET /openapi.json (api_openapi.c): docs/openapi.json, embedded at build
+ * time as these bytes (NUL-terminated; the length leaves the NUL out). */
+void kl_h_openapi(kl_http_request *req);
+extern const char kl_openapi_json[];
+extern const size_t kl_openapi_json_len;
 void kl_h_me(kl_http_request *req);
 void kl_h_verify(kl_http_request *req);
 void kl_h_org(kl_http_request *req);

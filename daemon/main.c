@@ -211,7 +211,8 @@ int main(int argc, char **argv)
     if (kl_proj_new(&d->proj) != KL_OK || kl_idem_cache_new(&d->idem) != KL_OK ||
         kl_commit_new(d, &d->commit) != KL_OK ||
         kl_usage_new(d, d->cfg.usage_flush_ms, &d->usage) != KL_OK ||
-        kl_verify_init(d) != KL_OK || kl_alerts_new(d, &d->alerts) != KL_OK) {
+        kl_verify_init(d) != KL_OK || kl_alerts_new(d, &d->alerts) != KL_OK ||
+        kl_metrics_new(&d->metrics, kl_routes, kl_now_ms()) != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "out of memory at startup");
         return 1;
     }
@@ -222,6 +223,7 @@ int main(int argc, char **argv)
                 uv_strerror(rc));
         return 1;
     }
+    kl_http_server_set_observer(d->http, kl_metrics_observe);
     rc = kl_http_server_listen(d->http, d->cfg.listen_host, d->cfg.listen_port);
     if (rc != 0) {
         KL_LOGF(&d->logger, KL_ERROR, "cannot listen on %s:%d: %s",
@@ -248,6 +250,7 @@ int main(int argc, char **argv)
     uv_run(d->loop, UV_RUN_DEFAULT);
 
     kl_http_server_free(d->http);
+    kl_metrics_free(d->metrics);
     kl_idem_cache_free(d->idem);
     kl_verify_free(d);
     kl_proj_free(d->proj);

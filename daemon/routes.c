@@ -8,6 +8,8 @@
 const kl_http_route kl_routes[] = {
     {HTTP_GET, "/healthz", kl_h_healthz},
     {HTTP_GET, "/readyz", kl_h_readyz},
+    {HTTP_GET, "/openapi.json", kl_h_openapi},  /* no authentication */
+    {HTTP_GET, "/metrics", kl_h_metrics},   /* no authentication: no ids, no secrets */
     {HTTP_GET, "/v1/me", kl_h_me},
     {HTTP_POST, "/v1/keys/verify", kl_h_verify},
     {HTTP_GET, "/v1/audit-events", kl_h_audit_events},

@@ -17,9 +17,9 @@
  * current and the previous minute, weighted); a key's requests_per_day and
  * its org's requests_per_day and _month are fixed UTC windows counted from
  * the log (the projections fold UsageRecorded) plus what was accepted since
- * the last flush, so a restart does not reset a day's count. Between a
- * flush and its events being applied (one fsync) the recorded part lags;
- * quotas may admit that many more calls.
+ * the last flush plus what a flush is still writing ("in flight" until its
+ * events are applied), so a restart does not reset a day's count and no
+ * call is ever missing from the count.
  */
 #include "daemon.h"
 
@@ -46,6 +46,7 @@ typedef struct flow_count {
 typedef struct entry {
     kl_key *key;
     uint32_t successes, failures;   /* since the last flush */
+    uint32_t inflight;              /* successes a flush is writing */
     int64_t from, last;             /* period start; last accepted use */
     int64_t active;                 /* last call */
     window minute;
@@ -59,8 +60,17 @@ typedef struct entry {
 typedef struct org_entry {
     kl_org *org;
     window minute;
-    uint64_t pending;
+    uint64_t pending;               /* granted since the last flush */
+    uint64_t inflight;              /* granted, being written */
 } org_entry;
+
+/* What one flush is writing: taken off the in-flight counts once its
+ * events are applied (or failed to be written). */
+typedef struct flushed {
+    uint32_t nkeys, norgs;
+    struct { kl_key *key; uint32_t n; } *keys;
+    struct { kl_org *org; uint64_t n; } *orgs;
+} flushed;
 
 struct kl_usage {
     kl_daemon *d;
@@ -118,6 +128,14 @@ static void count_flow(entry *e, kl_str flow, bool accepted, uint32_t n)
         if (strlen(e->flows[i].name) == flow.len &&
             memcmp(e->flows[i].name, flow.ptr, flow.len) == 0)
             f = &e->flows[i];
+    /* A new flow takes a free slot, or one whose flow was not used since
+     * the last flush (a busy key's flows change over time). */
+    for (uint32_t i = 0; f == NULL && e->nflows == ENTRY_FLOWS && i < ENTRY_FLOWS; i++) {
+        if (e->flows[i].successes == 0 && e->flows[i].failures == 0) {
+            free(e->flows[i].name);
+            e->flows[i] = e->flows[--e->nflows];
+        }
+    }
     if (f == NULL && e->nflows < ENTRY_FLOWS) {
         char *name = malloc((size_t)flow.len + 1);
         if (name == NULL)
@@ -238,19 +256,19 @@ kl_rl_verdict kl_usage_admit(kl_usage *u, kl_key *k, uint32_t cost, int64_t now,
             v = KL_RL_RATE;
     }
     if (k->rl_day != 0) {
-        uint64_t used = kl_key_used_since(k, day) + e->successes;
+        uint64_t used = kl_key_used_since(k, day) + e->successes + e->inflight;
         consider(rl, "day", k->rl_day, used, day + 86400000);
         if (used + cost > k->rl_day && v == KL_RL_OK)
             v = KL_RL_QUOTA;
     }
     if (o->lim_day != 0) {
-        uint64_t used = kl_org_used_day(o, now) + oe->pending;
+        uint64_t used = kl_org_used_day(o, now) + oe->pending + oe->inflight;
         consider(rl, "org-day", o->lim_day, used, day + 86400000);
         if (used + cost > o->lim_day && v == KL_RL_OK)
             v = KL_RL_QUOTA;
     }
     if (o->lim_month != 0) {
-        uint64_t used = kl_org_used_month(o, now) + oe->pending;
+        uint64_t used = kl_org_used_month(o, now) + oe->pending + oe->inflight;
         consider(rl, "org-month", o->lim_month, used, kl_time_next_month(now));
         if (used + cost > o->lim_month && v == KL_RL_OK)
             v = KL_RL_QUOTA;
@@ -306,15 +324,56 @@ static int decide_nothing(kl_daemon *d, kl_cmd *c)
     return 0;                   /* the events were made at flush time */
 }
 
+/* The flush's counts are in the projections now (or lost with a failed
+ * write): no longer in flight. */
+static int flush_done(kl_daemon *d, kl_cmd *c)
+{
+    kl_usage *u = d->usage;
+    flushed *f = c->data;
+    if (u == NULL)
+        return 0;               /* shutting down: nothing counts any more */
+    for (uint32_t i = 0; i < f->nkeys; i++) {
+        kl_key *k = f->keys[i].key;
+        if (k->usage_slot != 0)
+            u->items[k->usage_slot - 1].inflight -= f->keys[i].n;
+    }
+    for (uint32_t i = 0; i < f->norgs; i++) {
+        org_entry *oe = org_entry_for(u, f->orgs[i].org);
+        if (oe != NULL)
+            oe->inflight -= f->orgs[i].n;
+    }
+    return 0;
+}
+
+static void flushed_free(void *p)
+{
+    flushed *f = p;
+    free(f->keys);
+    free(f->orgs);
+}
+
 void kl_usage_flush(kl_usage *u)
 {
     kl_daemon *d = u->d;
     int64_t now = kl_daemon_now(d);
     kl_cmd *c = kl_cmd_new(d, NULL, NULL);
+    flushed *f = calloc(1, sizeof *f);
+    if (f != NULL) {
+        f->keys = calloc(u->len + 1, sizeof *f->keys);
+        f->orgs = calloc(u->norgs + 1, sizeof *f->orgs);
+    }
+    if (c == NULL || f == NULL || f->keys == NULL || f->orgs == NULL) {
+        KL_LOGF(&d->logger, KL_WARN, "usage not flushed: out of memory");
+        if (f != NULL)
+            flushed_free(f);
+        free(f);
+        kl_cmd_free(c);
+        return;                 /* the counts stay for the next flush */
+    }
     for (uint32_t i = 0; i < u->len;) {
         entry *e = &u->items[i];
         if (e->successes == 0 && e->failures == 0) {
-            if (now - e->active >= IDLE_MS) {
+            if (now - e->active >= IDLE_MS && e->inflight == 0) {
                 entry_drop(u, i);
                 continue;
             }
@@ -326,8 +385,8 @@ void kl_usage_flush(kl_usage *u)
                        .usage_from = e->from, .usage_to = now,
                        .successes = e->successes, .failures = e->failures,
                        .last_used = e->last};
-        for (uint32_t f = 0; f < e->nflows; f++) {
-            flow_count *fc = &e->flows[f];
+        for (uint32_t j = 0; j < e->nflows; j++) {
+            flow_count *fc = &e->flows[j];
             if (fc->successes == 0 && fc->failures == 0)
                 continue;
             ev.flows[ev.nflows] = (kl_str){fc->name, (uint32_t)strlen(fc->name)};
@@ -337,10 +396,15 @@ void kl_usage_flush(kl_usage *u)
         }
         if (ev.nflows > 0)
             ev.has |= KL_F_FLOW_USAGE;
-        if (c != NULL && kl_cmd_event(d, c, &ev) != KL_OK)
+        if (kl_cmd_event(d, c, &ev) != KL_OK)
             KL_LOGF(&d->logger, KL_WARN, "usage of a key not recorded: out of memory");
-        if (c != NULL && auth_failed(d, c, &e->key->org->id, &e->key->id, e->why,
-                                     e->from, now) != KL_OK)
+        else if (e->successes > 0) {
+            f->keys[f->nkeys].key = e->key;
+            f->keys[f->nkeys++].n = e->successes;
+            e->inflight += e->successes;
+        }
+        if (auth_failed(d, c, &e->key->org->id, &e->key->id, e->why, e->from,
+                        now) != KL_OK)
             KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
         memset(e->why, 0, sizeof e->why);
         e->successes = e->failures = 0;
@@ -348,17 +412,25 @@ void kl_usage_flush(kl_usage *u)
         e->last = 0;
         i++;
     }
-    for (uint32_t i = 0; i < u->norgs; i++)
-        u->orgs[i].pending = 0;
+    for (uint32_t i = 0; i < u->norgs; i++) {
+        org_entry *oe = &u->orgs[i];
+        if (oe->pending == 0)
+            continue;
+        f->orgs[f->norgs].org = oe->org;
+        f->orgs[f->norgs++].n = oe->pending;
+        oe->inflight += oe->pending;
+        oe->pending = 0;
+    }
     static const kl_id none;
-    if (c != NULL && auth_failed(d, c, &none, NULL, u->nameless, u->nameless_from,
-                                 now) != KL_OK)
+    if (auth_failed(d, c, &none, NULL, u->nameless, u->nameless_from, now) != KL_OK)
         KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
     memset(u->nameless, 0, sizeof u->nameless);
     u->nameless_from = 0;
-    if (c == NULL)
-        return;
+    c->data = f;
+    c->data_free = flushed_free;
     c->decide = decide_nothing;
+    c->render = flush_done;
+    c->failed = flush_done;
     kl_cmd_submit(d, c);        /* with no events, it just ends */
 }
 

@@ -116,9 +116,12 @@ typedef enum {
     V_RATE_LIMITED, V_USAGE_EXCEEDED
 } outcome;
 
-static const char *const CODES[] = {
+/* By outcome; also the labels of keyledger_verify_total (metrics.c). */
+const char *const kl_verify_codes[KL_VERIFY_NCODES] = {
     "VALID", "NOT_FOUND", "EXPIRED", "REVOKED", "DISABLED", "FORBIDDEN",
     "RATE_LIMITED", "USAGE_EXCEEDED"};
+_Static_assert((int)V_USAGE_EXCEEDED + 1 == (int)KL_VERIFY_NCODES,
+               "one code per outcome");
 
 /* The answer for a known key. The flows are flow ids the key was created
  * with, so they are escaped by jansson like any string. */
@@ -126,7 +129,7 @@ static json_t *answer(outcome v, const kl_key *k, const kl_ratelimit *rl)
 {
     json_t *o = json_object();
     json_object_set_new(o, "valid", json_boolean(v == V_VALID));
-    json_object_set_new(o, "code", json_string(CODES[v]));
+    json_object_set_new(o, "code", json_string(kl_verify_codes[v]));
     if (k == NULL)
         return o;
     json_object_set_new(o, "key_id", kl_json_id(KL_ID_KEY, &k->id));
@@ -274,6 +277,7 @@ void kl_h_verify(kl_http_request *req)
             kl_fail_reason why;
             kl_ratelimit rl = {0};
             outcome v = decide(d, &r, now, &k, &why, &rl);
+            kl_metrics_verify(d->metrics, (int)v);
             if (v == V_VALID) {
                 kl_usage_note(d->usage, k, r.flow, r.cost, now);
                 kl_key_touch(k, now);

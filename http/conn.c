@@ -542,6 +542,7 @@ static void request_fill(kl_http_conn *c, bool complete)
         req->body.len = c->body_len;
     }
     req->route = "";
+    req->route_index = -1;
     req->ctx = s->ctx;
     req->start_ns = start_ns;
     s->id_fn(req->request_id, s->ctx);
@@ -570,6 +571,7 @@ static void conn_dispatch(kl_http_conn *c)
                                 sizeof(allow))) {
     case KL_HTTP_ROUTE_FOUND:
         req->route = route->pattern;
+        req->route_index = (int)(route - s->routes);
         route->handler(req);
         break;
     case KL_HTTP_ROUTE_BAD_METHOD:

@@ -44,6 +44,9 @@ typedef struct kl_http_request {
     const char *route;         /* the matched pattern, for metrics and logs;
                                   "" when no route matched (404, 405 and the
                                   server's own 400/408/413/431), never NULL */
+    int route_index;           /* the matched entry's index in the route
+                                  table, -1 when none: lets an observer
+                                  count per route in a fixed array */
     void *ctx;                 /* the server's handler context */
     uint64_t start_ns;         /* uv_hrtime() when the message completed */
 } kl_http_request;
@@ -56,7 +59,12 @@ typedef struct kl_http_route {
     kl_http_handler handler;
 } kl_http_route;
 
-/* Called after every response, for metrics: status and duration. */
+/* Called once per request, on the loop thread, when its answer is queued
+ * (before it is written; also when the peer is already gone and the answer
+ * is dropped), for metrics: req->route / req->route_index / req->method say
+ * what was asked, `status` what was answered, `duration_ns` the time since
+ * the message completed (req->start_ns). `ctx` is the server's handler
+ * context. It must not answer or keep `req`. */
 typedef void (*kl_http_observer)(const kl_http_request *req, int status,
                                  uint64_t duration_ns, void *ctx);
 
@@ -90,6 +98,7 @@ void kl_http_config_defaults(kl_http_config *cfg);
 int kl_http_server_new(kl_http_server **out, uv_loop_t *loop,
                        const kl_http_config *cfg, const kl_http_route *routes,
                        kl_http_id_fn id_fn, void *ctx);
+/* From now on `fn` (NULL: none) sees every request's answer. */
 void kl_http_server_set_observer(kl_http_server *s, kl_http_observer fn);
 
 /* Bind and listen on HOST (numeric IPv4/IPv6, "[::1]", or a name resolved

@@ -150,6 +150,7 @@ static void org_free(void *p)
     free(o->users.items);
     free(o->sas.items);
     free(o->keys.items);
+    free(o->deleted_keys.items);
     free(o->computers.items);
     free(o->sessions.items);
     free(o->alerts.items);
@@ -373,6 +374,8 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
         s->deactivated_at = 0;
         break;
     default: /* KL_EV_SA_DELETED */
+        if (s->active)
+            s->deactivated_at = ev->ts;     /* deleting ends its activity too */
         s->deleted = true;
         s->active = false;
         break;
@@ -527,8 +530,11 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         k->grace = NULL;
         break;
     default: /* KL_EV_KEY_DELETED */
+        if (vec_reserve(&o->deleted_keys) != KL_OK)
+            return KL_ENOMEM;
         k->deleted = true;
         vec_remove(&o->keys, k);
+        vec_insert_sorted(&o->deleted_keys, k);
         break;
     }
     k->updated_at = ev->ts;

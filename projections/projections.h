@@ -41,6 +41,7 @@ typedef struct kl_org {
     kl_vec sas;                 /* kl_sa *, deleted ones included (their
                                    names stay taken) */
     kl_vec keys;                /* kl_key *, deleted ones excluded */
+    kl_vec deleted_keys;        /* kl_key *, in id order (their usage stays) */
     kl_vec computers;           /* kl_computer *, deleted ones included */
     kl_vec sessions;            /* kl_session *, deleted ones included */
     kl_vec alerts;              /* kl_alert * */

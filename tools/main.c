@@ -8,7 +8,9 @@ static const char USAGE[] =
     "usage: keyledger <command> [options]\n"
     "  init        --data DIR --org NAME --owner-email EMAIL [--owner-name NAME] [--json]\n"
     "  org-create  --data DIR --org NAME --owner-email EMAIL [--owner-name NAME] [--json]\n"
-    "  verify      --data DIR\n";
+    "  verify      --data DIR\n"
+    "  replay      --data DIR [--from SEQ] [--until SEQ|TIME] [--type TYPE] [--org ID]\n"
+    "  state       --data DIR --at TIME [--org ID]\n";
 
 int main(int argc, char **argv)
 {
@@ -19,6 +21,8 @@ int main(int argc, char **argv)
         {"init", kl_tool_init},
         {"org-create", kl_tool_org_create},
         {"verify", kl_tool_verify},
+        {"replay", kl_tool_replay},
+        {"state", kl_tool_state},
     };
     if (argc < 2) {
         fputs(USAGE, stderr);

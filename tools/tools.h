@@ -1,14 +1,35 @@
 /*
- * tools/ — the `keyledger` command: init, org-create, verify (and the
- * auditors' tools as they come). Each command is a function taking its own
+ * tools/ — the `keyledger` command: init, org-create, verify, and the
+ * auditors' replay and state. Each command is a function taking its own
  * argv and returning the exit status: 0 success, 1 a user-facing failure
  * (message on stderr), 2 bad usage.
  */
 #ifndef KL_TOOLS_H
 #define KL_TOOLS_H
 
+#include "log.h"
+
 int kl_tool_init(int argc, char **argv);
 int kl_tool_org_create(int argc, char **argv);
 int kl_tool_verify(int argc, char **argv);
+int kl_tool_replay(int argc, char **argv);
+int kl_tool_state(int argc, char **argv);
+
+/* What a kl_tool_walk callback returns to end the walk early, not as an
+ * error. */
+enum { KL_TOOL_STOP = 1 };
+
+/*
+ * The read-only walk replay and state share (tools/replay.c): opens the log
+ * in `data` without the lock (it works while the daemon runs; a torn tail
+ * is left out, records appended after the open are not read), and feeds
+ * every record from `from_seq` on to fn with its chain hash, checking each
+ * record's prev against the hash of the one before it. fn returns 0 to go
+ * on, KL_TOOL_STOP to end, or a negative code with its message in *fn_err
+ * (borrowed). Returns the exit status: 0, or 1 after a message on stderr
+ * that names the segment and offset where the log or fn failed.
+ */
+int kl_tool_walk(const char *data, uint64_t from_seq, kl_log_record_fn fn,
+                 void *arg, kl_err *fn_err);
 
 #endif
