@@ -9,9 +9,9 @@
  * other and the second finds the first.
  *
  * Failed-authentication spikes are raised where failures are counted; the
- * other conditions are checked by a timer on the loop that looks at a
- * slice of the keys each tick (CHECK_SLICE), so a million keys never stall
- * a request.
+ * other conditions are checked by a timer on the loop that looks at the
+ * keys a slice at a time: at most CHECK_SLICE keys and CHECK_NS of loop time
+ * per tick, so a million keys never stall a request.
  */
 #include "daemon.h"
 
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { CHECK_SLICE = 20000 };
+enum { CHECK_SLICE = 20000, CHECK_NS = 1000000 };
 static const int64_t HOUR_MS = 3600000, DAY_MS = 86400000;
 
 struct kl_alerts {
@@ -141,10 +141,10 @@ static void check_key(kl_daemon *d, kl_key *k, int64_t now)
     kl_org *o = k->org;
     if (k->deleted || k->revoked)
         return;
-    char id[KL_ID_TEXT_MAX], cond[160];
-    key_text(k, id);
+    char id[KL_ID_TEXT_MAX], cond[160];     /* formatted only for a raise */
     if (k->expires_at != 0 && now < k->expires_at &&
         k->expires_at - now <= (int64_t)cfg->alert_expiring_s * 1000) {
+        key_text(k, id);
         snprintf(cond, sizeof cond, "expiring_soon %s %lld", id, (long long)k->expires_at);
         kl_alert_raise(d, o, KL_ALERT_EXPIRING_SOON, k, cond,
                        json_pack("{s:o}", "expires_at", kl_json_time(k->expires_at)));
@@ -154,6 +154,7 @@ static void check_key(kl_daemon *d, kl_key *k, int64_t now)
     int64_t period = (int64_t)(k->env == KL_ENV_TEST ? cfg->alert_rotation_test_s
                                                      : cfg->alert_rotation_live_s) * 1000;
     if (now - k->rotated_at >= period) {
+        key_text(k, id);
         snprintf(cond, sizeof cond, "rotation_due %s %lld", id, (long long)k->rotated_at);
         kl_alert_raise(d, o, KL_ALERT_ROTATION_DUE, k, cond,
                        json_pack("{s:o,s:I}", "rotated_at", kl_json_time(k->rotated_at),
@@ -161,6 +162,7 @@ static void check_key(kl_daemon *d, kl_key *k, int64_t now)
     }
     int64_t last = k->last_used_at != 0 ? k->last_used_at : k->created_at;
     if (now - last >= (int64_t)cfg->alert_unused_s * 1000) {
+        key_text(k, id);
         snprintf(cond, sizeof cond, "unused_key %s %lld", id, (long long)last);
         json_t *det = json_object();
         if (k->last_used_at != 0)
@@ -179,6 +181,7 @@ static void check_key(kl_daemon *d, kl_key *k, int64_t now)
     uint64_t base = recorded(k, hour - 24 * HOUR_MS, hour) / 24;
     if (cur >= cfg->alert_unusual_min &&
         cur > (uint64_t)cfg->alert_unusual_factor * (base > 0 ? base : 1)) {
+        key_text(k, id);
         snprintf(cond, sizeof cond, "unusual_activity %s %lld", id, (long long)hour);
         kl_alert_raise(d, o, KL_ALERT_UNUSUAL_ACTIVITY, k, cond,
                        json_pack("{s:o,s:I,s:I}", "hour", kl_json_time(hour),
@@ -194,6 +197,7 @@ static void on_check(uv_timer_t *t)
     if (!d->ready || kl_commit_unavailable(d->commit) != NULL)
         return;
     int64_t now = kl_daemon_now(d);
+    uint64_t deadline = uv_hrtime() + CHECK_NS;
     uint32_t budget = CHECK_SLICE;
     uint32_t norgs = kl_proj_org_count(d->proj);
     while (budget > 0 && a->org < norgs) {
@@ -204,8 +208,11 @@ static void on_check(uv_timer_t *t)
             check_quota(d, o, NULL, "org-month", kl_time_month_start(now), o->lim_month,
                         kl_org_used_month(o, now));
         }
-        for (; budget > 0 && a->key < o->keys.len; budget--)
+        for (; budget > 0 && a->key < o->keys.len; budget--) {
             check_key(d, o->keys.items[a->key++], now);
+            if (budget % 64 == 0 && uv_hrtime() > deadline)
+                budget = 1;     /* time is up: the next tick goes on */
+        }
         if (a->key >= o->keys.len) {
             a->org++;
             a->key = 0;

@@ -6,6 +6,7 @@
 #include "log.h"
 
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <openssl/sha.h>
 
 static uint32_t crc_table[8][256];
@@ -82,9 +83,19 @@ uint32_t kl_crc32c_portable(uint32_t crc, const void *data, size_t len)
     return ~crc32c_sw(~crc, data, len);
 }
 
+/* OpenSSL 3's SHA256() looks the algorithm up on every call, which costs
+ * more than hashing a secret: look it up once (the loop, the replay thread
+ * and the tools all hash). */
+static EVP_MD *sha256_md;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void sha256_fetch(void) { sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL); }
+
 void kl_sha256(const void *data, size_t len, uint8_t out[KL_HASH_LEN])
 {
-    SHA256(data, len, out);
+    pthread_once(&sha256_once, sha256_fetch);
+    if (sha256_md == NULL || !EVP_Digest(data, len, out, NULL, sha256_md, NULL))
+        SHA256(data, len, out);     /* the slow way still gives the hash */
 }
 
 void kl_hex(const uint8_t *p, size_t n, char *out)
