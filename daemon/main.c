@@ -37,22 +37,24 @@ typedef struct replay_job {
     uv_work_t work;
     kl_daemon *d;
     int rc;
+    uint64_t from;              /* the snapshot started from (0: none) */
     kl_err err;
 } replay_job;
 
-static int replay_record(uint64_t seq, const uint8_t *payload, size_t len,
-                         const uint8_t *hash, void *arg)
-{
-    replay_job *job = arg;
-    return kl_proj_apply_record(job->d->proj, payload, len, &job->err);
-}
-
+/* On the thread pool: the loop does not touch the state until `ready`. */
 static void on_replay(uv_work_t *w)
 {
     replay_job *job = w->data;
+    kl_daemon *d = job->d;
     uint64_t t0 = uv_hrtime();
-    job->rc = kl_log_replay(job->d->log, 1, false, replay_record, job, &job->err);
-    job->d->replay_ns = uv_hrtime() - t0;
+    kl_proj *p;
+    job->rc = kl_proj_rebuild(&p, d->log, d->cfg.data_dir, &d->logger, &job->from,
+                              &job->err);
+    if (job->rc == KL_OK) {
+        kl_proj_free(d->proj);
+        d->proj = p;
+    }
+    d->replay_ns = uv_hrtime() - t0;
 }
 
 
@@ -68,8 +70,14 @@ static void on_replay_done(uv_work_t *w, int status)
         return;
     }
     d->ready = true;
-    KL_LOGF(&d->logger, KL_INFO, "replayed %llu events in %.1f ms; ready",
-            (unsigned long long)kl_proj_seq(d->proj), (double)d->replay_ns / 1e6);
+    if (job->from > 0)
+        KL_LOGF(&d->logger, KL_INFO, "loaded the snapshot of seq %llu and replayed "
+                "%llu events after it in %.1f ms; ready", (unsigned long long)job->from,
+                (unsigned long long)(kl_proj_seq(d->proj) - job->from),
+                (double)d->replay_ns / 1e6);
+    else
+        KL_LOGF(&d->logger, KL_INFO, "replayed %llu events in %.1f ms; ready",
+                (unsigned long long)kl_proj_seq(d->proj), (double)d->replay_ns / 1e6);
     free(job);
 }
 

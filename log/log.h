@@ -468,4 +468,24 @@ void kl_log_reader_close(kl_log_reader *r);   /* NULL is a no-op */
 int kl_log_reader_get(kl_log_reader *r, uint64_t seq, kl_buf *payload,
                       uint8_t hash[KL_HASH_LEN], kl_err *err);
 
+/* ---- snapshots (docs/log-format.md) ---------------------------------- */
+
+/* Writes the state's bytes as the snapshot of record `seq` whose chain hash
+ * is `hash` (atomically: temp, fsync, rename, fsync the dir). */
+int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN],
+                      const void *payload, size_t len, kl_err *err);
+/* Reads snapshot `seq`, checking its header and payload checksums
+ * (KL_ECORRUPT when it is not whole). */
+int kl_snapshot_read(const char *dir, uint64_t seq, kl_buf *payload,
+                     uint8_t hash[KL_HASH_LEN], kl_err *err);
+/* The seqs of the snapshot files in dir (at most max), ascending. */
+int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
+                     kl_err *err);
+/* The newest whole snapshot (header and payload checksums) of a record at or
+ * before max_seq: its payload, seq and chain hash. Damaged ones are skipped
+ * (and logged); KL_ENOENT when there is none. */
+int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_buf *payload,
+                            uint64_t *seq, uint8_t hash[KL_HASH_LEN],
+                            const kl_logger *lg, kl_err *err);
+
 #endif

@@ -15,17 +15,10 @@
 #include <string.h>
 #include <strings.h>
 
-struct kl_proj {
-    uint64_t seq;
-    kl_vec orgs;                /* kl_org *, in creation order */
-    kl_idmap org_by_id, user_by_id, sa_by_id, key_by_id, idem_by_slot;
-    kl_idmap computer_by_id, session_by_id, message_by_id;
-    kl_idmap alert_by_id, alert_by_cond;
-};
 
 /* ---- small helpers ---------------------------------------------------- */
 
-static char *str_dup(kl_str s)
+char *kl_p_str_dup(kl_str s)
 {
     char *p = malloc((size_t)s.len + 1);
     if (p != NULL) {
@@ -38,7 +31,7 @@ static char *str_dup(kl_str s)
 /* Replace *dst with a copy of s; *dst is untouched when out of memory. */
 static int str_set(char **dst, kl_str s)
 {
-    char *p = str_dup(s);
+    char *p = kl_p_str_dup(s);
     if (p == NULL)
         return KL_ENOMEM;
     free(*dst);
@@ -46,7 +39,7 @@ static int str_set(char **dst, kl_str s)
     return KL_OK;
 }
 
-static int vec_reserve(kl_vec *v)
+int kl_p_vec_reserve(kl_vec *v)
 {
     if (v->len < v->cap)
         return KL_OK;
@@ -82,7 +75,7 @@ uint32_t kl_vec_after(const kl_vec *v, const kl_id *after)
 
 /* Insert keeping id order; new ids almost always go at the end. The caller
  * has reserved room. */
-static void vec_insert_sorted(kl_vec *v, void *item)
+void kl_p_vec_insert_sorted(kl_vec *v, void *item)
 {
     uint32_t at = kl_vec_after(v, (const kl_id *)item);
     memmove(&v->items[at + 1], &v->items[at], (v->len - at) * sizeof *v->items);
@@ -252,7 +245,7 @@ static int apply_org_created(kl_proj *p, const kl_event *ev, kl_err *err)
     if (o == NULL)
         return KL_ENOMEM;
     o->id = ev->org;
-    if (vec_reserve(&p->orgs) != KL_OK || (o->name = str_dup(ev->name)) == NULL ||
+    if (kl_p_vec_reserve(&p->orgs) != KL_OK || (o->name = kl_p_str_dup(ev->name)) == NULL ||
         history_reserve(o) != KL_OK || kl_idmap_put(&p->org_by_id, o) != KL_OK) {
         org_free(o);
         return KL_ENOMEM;
@@ -277,14 +270,14 @@ static int apply_user_invited(kl_proj *p, kl_org *o, const kl_event *ev,
     u->created_at = u->updated_at = ev->ts;
     u->version = 1;
     kl_str none = {"", 0};
-    if ((u->email = str_dup(ev->email)) == NULL ||
-        (u->name = str_dup(ev->has & KL_F_NAME ? ev->name : none)) == NULL ||
-        vec_reserve(&o->users) != KL_OK ||
+    if ((u->email = kl_p_str_dup(ev->email)) == NULL ||
+        (u->name = kl_p_str_dup(ev->has & KL_F_NAME ? ev->name : none)) == NULL ||
+        kl_p_vec_reserve(&o->users) != KL_OK ||
         kl_idmap_put(&p->user_by_id, u) != KL_OK) {
         user_free(u);
         return KL_ENOMEM;
     }
-    vec_insert_sorted(&o->users, u);
+    kl_p_vec_insert_sorted(&o->users, u);
     if (u->role == KL_ROLE_OWNER)
         o->active_owners++;
     return KL_OK;
@@ -339,15 +332,15 @@ static int apply_sa_created(kl_proj *p, kl_org *o, const kl_event *ev,
     s->created_at = s->updated_at = ev->ts;
     s->version = 1;
     kl_str none = {"", 0};
-    if ((s->name = str_dup(ev->name)) == NULL ||
-        (s->description = str_dup(ev->has & KL_F_DESCRIPTION ? ev->description
+    if ((s->name = kl_p_str_dup(ev->name)) == NULL ||
+        (s->description = kl_p_str_dup(ev->has & KL_F_DESCRIPTION ? ev->description
                                                              : none)) == NULL ||
-        vec_reserve(&o->sas) != KL_OK ||
+        kl_p_vec_reserve(&o->sas) != KL_OK ||
         kl_idmap_put(&p->sa_by_id, s) != KL_OK) {
         sa_free(s);
         return KL_ENOMEM;
     }
-    vec_insert_sorted(&o->sas, s);
+    kl_p_vec_insert_sorted(&o->sas, s);
     return KL_OK;
 }
 
@@ -392,7 +385,7 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
  * one allocation (k->strings: the flow pointers, then the texts), one
  * malloc a key instead of four; a change rebuilds it from the new values
  * and the kept old ones, so a failed allocation leaves the key as it was. */
-static int key_settings(kl_key *k, const kl_event *ev)
+int kl_p_key_settings(kl_key *k, const kl_event *ev)
 {
     kl_str name = ev->has & KL_F_NAME ? ev->name
                   : (kl_str){k->name, k->name ? (uint32_t)strlen(k->name) : 0};
@@ -442,7 +435,7 @@ static int key_settings(kl_key *k, const kl_event *ev)
     return KL_OK;
 }
 
-static void prefix_set(kl_key *k, kl_str prefix)
+void kl_p_prefix_set(kl_key *k, kl_str prefix)
 {
     size_t n = prefix.len < sizeof k->prefix - 1 ? prefix.len : sizeof k->prefix - 1;
     memcpy(k->prefix, prefix.ptr, n);
@@ -473,15 +466,15 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     k->created_by = actor_ref(ev);
     k->env = ev->env;
     memcpy(k->hash, ev->hash, KL_HASH_LEN);
-    prefix_set(k, ev->prefix);
+    kl_p_prefix_set(k, ev->prefix);
     k->created_at = k->updated_at = k->rotated_at = ev->ts;
     k->version = 1;
-    if (key_settings(k, ev) != KL_OK || vec_reserve(&o->keys) != KL_OK ||
+    if (kl_p_key_settings(k, ev) != KL_OK || kl_p_vec_reserve(&o->keys) != KL_OK ||
         kl_idmap_put(&p->key_by_id, k) != KL_OK) {
         key_free(k);
         return KL_ENOMEM;
     }
-    vec_insert_sorted(&o->keys, k);
+    kl_p_vec_insert_sorted(&o->keys, k);
     return KL_OK;
 }
 
@@ -493,7 +486,7 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         return misfit(err, ev, "no such key in the organization");
     switch (ev->type) {
     case KL_EV_KEY_UPDATED:
-        if (key_settings(k, ev) != KL_OK)
+        if (kl_p_key_settings(k, ev) != KL_OK)
             return KL_ENOMEM;
         break;
     case KL_EV_KEY_REGENERATED:
@@ -509,7 +502,7 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
             k->grace = NULL;
         }
         memcpy(k->hash, ev->hash, KL_HASH_LEN);
-        prefix_set(k, ev->prefix);
+        kl_p_prefix_set(k, ev->prefix);
         k->rotated_at = ev->ts;
         break;
     case KL_EV_KEY_REVOKED:
@@ -518,7 +511,7 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         if ((k->revocation = calloc(1, sizeof *k->revocation)) == NULL)
             return KL_ENOMEM;
         if ((ev->has & KL_F_COMMENT) &&
-            (k->revocation->comment = str_dup(ev->comment)) == NULL) {
+            (k->revocation->comment = kl_p_str_dup(ev->comment)) == NULL) {
             free(k->revocation);
             k->revocation = NULL;
             return KL_ENOMEM;
@@ -530,11 +523,11 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         k->grace = NULL;
         break;
     default: /* KL_EV_KEY_DELETED */
-        if (vec_reserve(&o->deleted_keys) != KL_OK)
+        if (kl_p_vec_reserve(&o->deleted_keys) != KL_OK)
             return KL_ENOMEM;
         k->deleted = true;
         vec_remove(&o->keys, k);
-        vec_insert_sorted(&o->deleted_keys, k);
+        kl_p_vec_insert_sorted(&o->deleted_keys, k);
         break;
     }
     k->updated_at = ev->ts;
@@ -572,12 +565,12 @@ static int apply_computer(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err
         c->created_by = actor_ref(ev);
         c->created_at = c->updated_at = ev->ts;
         c->version = 1;
-        if ((c->name = str_dup(ev->name)) == NULL || vec_reserve(&o->computers) != KL_OK ||
+        if ((c->name = kl_p_str_dup(ev->name)) == NULL || kl_p_vec_reserve(&o->computers) != KL_OK ||
             kl_idmap_put(&p->computer_by_id, c) != KL_OK) {
             computer_free(c);
             return KL_ENOMEM;
         }
-        vec_insert_sorted(&o->computers, c);
+        kl_p_vec_insert_sorted(&o->computers, c);
         return KL_OK;
     }
     if (c == NULL || c->org != o || c->deleted)
@@ -610,13 +603,13 @@ static int apply_session(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
         s->created_by = actor_ref(ev);
         s->created_at = s->updated_at = ev->ts;
         s->version = 1;
-        if (((ev->has & KL_F_TITLE) && (s->title = str_dup(ev->title)) == NULL) ||
-            vec_reserve(&o->sessions) != KL_OK ||
+        if (((ev->has & KL_F_TITLE) && (s->title = kl_p_str_dup(ev->title)) == NULL) ||
+            kl_p_vec_reserve(&o->sessions) != KL_OK ||
             kl_idmap_put(&p->session_by_id, s) != KL_OK) {
             session_free(s);
             return KL_ENOMEM;
         }
-        vec_insert_sorted(&o->sessions, s);
+        kl_p_vec_insert_sorted(&o->sessions, s);
         return KL_OK;
     }
     if (s == NULL || s->org != o || s->deleted)
@@ -642,13 +635,13 @@ static int apply_message(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
     m->author = ev->author;
     m->created_by = actor_ref(ev);
     m->created_at = ev->ts;
-    if ((m->content = str_dup(ev->content)) == NULL ||
-        vec_reserve(&s->messages) != KL_OK ||
+    if ((m->content = kl_p_str_dup(ev->content)) == NULL ||
+        kl_p_vec_reserve(&s->messages) != KL_OK ||
         kl_idmap_put(&p->message_by_id, m) != KL_OK) {
         message_free(m);
         return KL_ENOMEM;
     }
-    vec_insert_sorted(&s->messages, m);
+    kl_p_vec_insert_sorted(&s->messages, m);
     s->updated_at = ev->ts;
     return KL_OK;
 }
@@ -687,7 +680,7 @@ static int apply_alert(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
     a->cond = ev->cond;
     a->created_at = ev->ts;
     a->version = 1;
-    if ((a->details = str_dup(ev->content)) == NULL || vec_reserve(&o->alerts) != KL_OK ||
+    if ((a->details = kl_p_str_dup(ev->content)) == NULL || kl_p_vec_reserve(&o->alerts) != KL_OK ||
         kl_idmap_put(&p->alert_by_id, a) != KL_OK) {
         alert_free(a);
         free(cond);
@@ -695,7 +688,7 @@ static int apply_alert(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
     }
     if (kl_idmap_put(&p->alert_by_cond, cond) != KL_OK)
         free(cond);             /* only the once-per-condition check is lost */
-    vec_insert_sorted(&o->alerts, a);
+    kl_p_vec_insert_sorted(&o->alerts, a);
     return KL_OK;
 }
 
@@ -724,7 +717,7 @@ static int flow_number(kl_org *o, kl_str name, uint32_t *out)
         o->flow_names = names;
         o->cap_flow_names = cap;
     }
-    if ((o->flow_names[o->nflow_names] = str_dup(name)) == NULL)
+    if ((o->flow_names[o->nflow_names] = kl_p_str_dup(name)) == NULL)
         return KL_ENOMEM;
     *out = ++o->nflow_names;
     return KL_OK;

@@ -284,6 +284,22 @@ typedef struct kl_proj_stats {
 } kl_proj_stats;
 void kl_proj_stats_get(const kl_proj *p, kl_proj_stats *st);
 
+/* ---- snapshots (snapshot.c) --------------------------------------------- */
+
+/* The whole state at its seq, appended to `out` (docs/log-format.md,
+ * "Snapshots"). */
+int kl_proj_snapshot(const kl_proj *p, kl_buf *out);
+/* A state from a snapshot's bytes. Nothing is trusted: KL_ECORRUPT (with
+ * where, in err) for anything malformed or inconsistent, KL_ENOMEM. */
+int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err);
+/* The state of an open log: the newest snapshot in `dir` that is whole and
+ * chains to the log (the record after it names its hash as prev), then the
+ * records after it; the whole log when there is no such snapshot (a
+ * damaged or foreign one is logged and skipped). *from is the snapshot's
+ * seq, 0 when none was used. */
+int kl_proj_rebuild(kl_proj **out, kl_log *log, const char *dir, const kl_logger *lg,
+                    uint64_t *from, kl_err *err);
+
 /* ---- as JSON (render.c) ------------------------------------------------ */
 
 /* The contract's objects; each returns a new reference. `now` decides a

@@ -10,7 +10,8 @@ static const char USAGE[] =
     "  org-create  --data DIR --org NAME --owner-email EMAIL [--owner-name NAME] [--json]\n"
     "  verify      --data DIR\n"
     "  replay      --data DIR [--from SEQ] [--until SEQ|TIME] [--type TYPE] [--org ID]\n"
-    "  state       --data DIR --at TIME [--org ID]\n";
+    "  state       --data DIR --at TIME [--org ID]\n"
+    "  snapshot    --data DIR\n";
 
 int main(int argc, char **argv)
 {
@@ -23,6 +24,7 @@ int main(int argc, char **argv)
         {"verify", kl_tool_verify},
         {"replay", kl_tool_replay},
         {"state", kl_tool_state},
+        {"snapshot", kl_tool_snapshot},
     };
     if (argc < 2) {
         fputs(USAGE, stderr);

@@ -343,6 +343,8 @@ static char *dump(const world *w, const kl_proj *p)
     return b.data;
 }
 
+static void assert_snapshot_round_trip(const world *w, const kl_proj *p);
+
 /* The event does not fit: KL_ECORRUPT naming its seq, state untouched. */
 static void apply_misfit(world *w, const kl_event *ev, const char *what)
 {
@@ -992,6 +994,7 @@ static void test_resources(void **state)
     kl_proj_stats_get(w->p, &st);
     assert_int_equal(st.computers, 1);
     assert_int_equal(st.sessions, 1);
+    assert_snapshot_round_trip(w, w->p);
     world_free(w);
 }
 
@@ -1371,6 +1374,50 @@ static int tmp_teardown(void **state)
     return 0;
 }
 
+/* A snapshot of p loads into a state that dumps the same; every cut and
+ * a flipped byte anywhere are refused or load something, never crash. */
+static void assert_snapshot_round_trip(const world *w, const kl_proj *p)
+{
+    kl_buf snap = {0};
+    assert_int_equal(kl_proj_snapshot(p, &snap), KL_OK);
+    kl_proj *loaded = NULL;
+    kl_err err = {0};
+    int rc = kl_proj_load(&loaded, (const uint8_t *)snap.data, snap.len, &err);
+    if (rc != KL_OK)
+        fail_msg("loading a snapshot: %s", err.msg);
+    assert_int_equal(kl_proj_seq(loaded), kl_proj_seq(p));
+    char *a = dump(w, p), *b = dump(w, loaded);
+    assert_same_dump(a, b);
+    free(a);
+    free(b);
+    kl_proj_free(loaded);
+    /* The same bytes again: the snapshot is a function of the state. */
+    kl_buf again = {0};
+    assert_int_equal(kl_proj_snapshot(p, &again), KL_OK);
+    assert_int_equal(again.len, snap.len);
+    assert_memory_equal(again.data, snap.data, snap.len);
+    kl_buf_free(&again);
+    uint8_t *copy = malloc(snap.len);
+    assert_non_null(copy);
+    size_t step = snap.len / 97 + 1;
+    for (size_t cut = 0; cut < snap.len; cut += step) {
+        memcpy(copy, snap.data, cut);
+        loaded = NULL;
+        assert_int_equal(kl_proj_load(&loaded, copy, cut, &err), KL_ECORRUPT);
+        assert_null(loaded);
+    }
+    for (size_t at = 0; at < snap.len; at += step) {
+        memcpy(copy, snap.data, snap.len);
+        copy[at] ^= 0x5a;
+        loaded = NULL;
+        rc = kl_proj_load(&loaded, copy, snap.len, &err);
+        assert_true(rc == KL_OK || rc == KL_ECORRUPT);
+        kl_proj_free(loaded);
+    }
+    free(copy);
+    kl_buf_free(&snap);
+}
+
 static void test_replay_equals_live(void **state)
 {
     kl_log_config cfg;
@@ -1412,6 +1459,7 @@ static void test_replay_equals_live(void **state)
     char *replayed = dump(r, r->p);
     assert_same_dump(live, replayed);
     free(replayed);
+    assert_snapshot_round_trip(w, w->p);
 
     /* Stopped at the middle: the state as it was then, read with the ids
      * known by then. */
