@@ -530,6 +530,17 @@ int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev)
     return 0;
 }
 
+int kl_api_emit_new(kl_daemon *d, kl_cmd *c, kl_event *ev)
+{
+    if (kl_id_new(&d->ids, c->now, &ev->id) != KL_OK) {
+        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
+        return -1;
+    }
+    ev->has |= KL_F_ID;
+    c->target = ev->id;
+    return kl_api_emit(d, c, ev);
+}
+
 /* ---- ids, queries and pages ------------------------------------------- */
 
 int kl_api_query_bool(kl_http_request *req, const char *name, bool *out)

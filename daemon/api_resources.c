@@ -104,12 +104,7 @@ static int decide_computer_create(kl_daemon *d, kl_cmd *c)
     kl_event ev = {.type = KL_EV_COMPUTER_CREATED,
                    .has = KL_F_ID | KL_F_NAME | KL_F_OWNER, .name = in->name,
                    .owner_type = in->owner.type, .owner = in->owner.id};
-    if (kl_id_new(&d->ids, c->now, &ev.id) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
-        return -1;
-    }
-    c->target = ev.id;
-    return kl_api_emit(d, c, &ev);
+    return kl_api_emit_new(d, c, &ev);
 }
 
 static const char *const COMPUTER_FIELDS[] = {"name", "owner", NULL};
@@ -275,12 +270,7 @@ static int decide_session_create(kl_daemon *d, kl_cmd *c)
         ev.has |= KL_F_TITLE;
         ev.title = in->title;
     }
-    if (kl_id_new(&d->ids, c->now, &ev.id) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
-        return -1;
-    }
-    c->target = ev.id;
-    return kl_api_emit(d, c, &ev);
+    return kl_api_emit_new(d, c, &ev);
 }
 
 static const char *const SESSION_FIELDS[] = {"title", "computer_id", NULL};
@@ -362,12 +352,7 @@ static int decide_message(kl_daemon *d, kl_cmd *c)
     kl_event ev = {.type = KL_EV_MESSAGE_POSTED,
                    .has = KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT,
                    .ref = s->id, .author = in->author, .content = in->content};
-    if (kl_id_new(&d->ids, c->now, &ev.id) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
-        return -1;
-    }
-    c->target = ev.id;
-    return kl_api_emit(d, c, &ev);
+    return kl_api_emit_new(d, c, &ev);
 }
 
 static const char *const MESSAGE_FIELDS[] = {"role", "content", NULL};

@@ -98,12 +98,7 @@ static int decide_create(kl_daemon *d, kl_cmd *c)
                    .name = in->name, .role = in->role,
                    .description = in->has_description ? in->description
                                                       : (kl_str){"", 0}};
-    if (kl_id_new(&d->ids, c->now, &ev.id) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
-        return -1;
-    }
-    c->target = ev.id;
-    return kl_api_emit(d, c, &ev);
+    return kl_api_emit_new(d, c, &ev);
 }
 
 static const char *const CREATE_FIELDS[] = {"name", "description", "role", NULL};

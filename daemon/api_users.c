@@ -102,12 +102,7 @@ static int decide_invite(kl_daemon *d, kl_cmd *c)
                    .has = KL_F_ID | KL_F_EMAIL | KL_F_ROLE | KL_F_NAME,
                    .email = in->email, .role = in->role,
                    .name = in->has_name ? in->name : (kl_str){"", 0}};
-    if (kl_id_new(&d->ids, c->now, &ev.id) != KL_OK) {
-        kl_api_error(c->req, 503, "unavailable", "no randomness available", NULL);
-        return -1;
-    }
-    c->target = ev.id;
-    return kl_api_emit(d, c, &ev);
+    return kl_api_emit_new(d, c, &ev);
 }
 
 static const char *const INVITE_FIELDS[] = {"email", "name", "role", NULL};

@@ -187,7 +187,10 @@ typedef enum {
  * window. *rl describes the tightest window either way. */
 kl_rl_verdict kl_usage_admit(kl_usage *u, kl_key *k, uint32_t cost, int64_t now,
                              kl_ratelimit *rl);
-/* Write what was counted since the last flush (timer, and at shutdown). */
+/* Write everything counted and not yet written, now (at a clean stop):
+ * commands of at most a few hundred events, all submitted before it
+ * returns. The interval timer instead spreads each flush over loop turns,
+ * one command at a time. */
 void kl_usage_flush(kl_usage *u);
 void kl_usage_free(kl_usage *u);
 
@@ -365,6 +368,9 @@ kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
 /* kl_cmd_event for decide functions: answers 503 and returns -1 when the
  * event cannot be built. */
 int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev);
+/* kl_api_emit for an event that makes something new: gives it a fresh id,
+ * which becomes the command's target. */
+int kl_api_emit_new(kl_daemon *d, kl_cmd *c, kl_event *ev);
 /* ?name=true|false into *out (left alone when absent); 400 otherwise. */
 int kl_api_query_bool(kl_http_request *req, const char *name, bool *out);
 /* Path parameter i as an id of `kind`; answers 404 otherwise. */

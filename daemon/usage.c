@@ -3,14 +3,26 @@
  *
  * Every call with a key is counted in memory (accepted or refused, and by
  * flow when it named one) and once per flush interval the keys that were
- * used get one UsageRecorded event each, all in one command, with one
- * AuthFailed event per key whose authentication was refused (by reason:
- * the 401 hides it, the audit history must not) and one for refusals that
- * named no key. A crash loses
- * at most one interval of counts; a clean stop flushes first. Nothing on
- * the request path waits for the disk or allocates once a key is in use:
+ * used get one UsageRecorded event each, with one AuthFailed event per key
+ * whose authentication was refused (by reason: the 401 hides it, the audit
+ * history must not) and one for refusals that named no key. A crash loses
+ * at most about one interval of counts; a clean stop flushes first. Nothing
+ * on the request path waits for the disk or allocates once a key is in use:
  * a key's entry (with the flow names it has seen) lives on across flushes
  * until the key has been idle for IDLE_MS.
+ *
+ * A flush is a pass over the entries, in commands of at most CHUNK_EVENTS
+ * events: building, framing and applying 10,000 events in one go would hold
+ * the loop for many milliseconds (every verification waiting behind it),
+ * one command of CHUNK_EVENTS for a fraction of one. The pass builds the
+ * next command on the loop turn after the previous one is applied (an idle
+ * handle), so at most one flush command is being written at a time, the
+ * loop answers requests between any two, and user writes never queue
+ * behind more than one. Each key's counts go out in exactly one command of
+ * the pass, covering [from, the command's time], and the next period starts
+ * there: nothing is counted twice, and a count made just after its key was
+ * passed waits one interval (plus the pass's spread, a few milliseconds).
+ * A clean stop writes everything at once (kl_usage_flush).
  *
  * Windows (API.md "Verification"): a key's requests_per_minute and its
  * org's requests_per_minute are sliding windows kept only in memory (the
@@ -23,13 +35,18 @@
  */
 #include "daemon.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum {
     ENTRY_FLOWS = 8,            /* flows counted apart per key and interval */
     MINUTE_MS = 60000,
-    IDLE_MS = 2 * MINUTE_MS     /* longer than any minute window */
+    IDLE_MS = 2 * MINUTE_MS,    /* longer than any minute window */
+    CHUNK_EVENTS = 256,         /* events per flush command (a key makes at
+                                   most 2): applying them takes well under
+                                   a millisecond */
+    CHUNK_SCAN = 4096           /* entries a pass looks at per loop turn */
 };
 
 /* A sliding minute: calls in the current fixed minute and the one before. */
@@ -64,17 +81,29 @@ typedef struct org_entry {
     uint64_t inflight;              /* granted, being written */
 } org_entry;
 
-/* What one flush is writing: taken off the in-flight counts once its
- * events are applied (or failed to be written). */
+/* What one flush command is writing: taken off the in-flight counts once
+ * its events are applied (or failed to be written). A key's successes and
+ * what its org counted of them (norg: the same, but for an org entry that
+ * ran out of memory) are in flight together. */
 typedef struct flushed {
-    uint32_t nkeys, norgs;
-    struct { kl_key *key; uint32_t n; } *keys;
-    struct { kl_org *org; uint64_t n; } *orgs;
+    uint64_t pass;              /* the pass it belongs to; 0: kl_usage_flush */
+    bool last;                  /* the pass's last command */
+    uint32_t nkeys;
+    struct { kl_key *key; uint32_t n, norg; } keys[CHUNK_EVENTS];
 } flushed;
 
 struct kl_usage {
     kl_daemon *d;
     uv_timer_t timer;
+    uv_idle_t step;             /* builds a pass's next command */
+    uint64_t pass;              /* the pass under way (0: none); numbers
+                                   only grow, so a command of an abandoned
+                                   pass does not drive the current one */
+    uint64_t passes;            /* passes begun */
+    bool again;                 /* the timer fired during the pass */
+    uint32_t cursor;            /* the next entry the pass looks at */
+    uint64_t pass_t0;           /* uv_hrtime at the pass's start */
+    uint32_t pass_events, pass_cmds;
     entry *items;
     uint32_t len, cap;
     org_entry *orgs;
@@ -324,9 +353,12 @@ static int decide_nothing(kl_daemon *d, kl_cmd *c)
     return 0;                   /* the events were made at flush time */
 }
 
-/* The flush's counts are in the projections now (or lost with a failed
- * write): no longer in flight. */
-static int flush_done(kl_daemon *d, kl_cmd *c)
+static void pass_next(kl_usage *u);
+static void pass_end(kl_usage *u);
+
+/* A flush command's counts are in the projections now (or lost with a
+ * failed write): no longer in flight. Then the pass goes on. */
+static int chunk_done(kl_daemon *d, kl_cmd *c)
 {
     kl_usage *u = d->usage;
     flushed *f = c->data;
@@ -334,107 +366,224 @@ static int flush_done(kl_daemon *d, kl_cmd *c)
         return 0;               /* shutting down: nothing counts any more */
     for (uint32_t i = 0; i < f->nkeys; i++) {
         kl_key *k = f->keys[i].key;
+        /* An entry with successes in flight is never dropped. */
         if (k->usage_slot != 0)
             u->items[k->usage_slot - 1].inflight -= f->keys[i].n;
+        if (f->keys[i].norg != 0) {
+            org_entry *oe = org_entry_for(u, k->org);
+            if (oe != NULL)
+                oe->inflight -= f->keys[i].norg;
+        }
     }
-    for (uint32_t i = 0; i < f->norgs; i++) {
-        org_entry *oe = org_entry_for(u, f->orgs[i].org);
-        if (oe != NULL)
-            oe->inflight -= f->orgs[i].n;
+    if (f->pass != 0 && f->pass == u->pass) {
+        if (f->last)
+            pass_end(u);
+        else
+            pass_next(u);
     }
     return 0;
 }
 
-static void flushed_free(void *p)
+/* A command to carry flush events, with its in-flight record. */
+static int chunk_new(kl_usage *u, kl_cmd **out)
 {
-    flushed *f = p;
-    free(f->keys);
-    free(f->orgs);
+    kl_cmd *c = kl_cmd_new(u->d, NULL, NULL);
+    flushed *f = malloc(sizeof *f);
+    if (c == NULL || f == NULL) {
+        free(f);
+        kl_cmd_free(c);
+        return KL_ENOMEM;
+    }
+    f->pass = 0;
+    f->last = false;
+    f->nkeys = 0;
+    c->data = f;
+    c->decide = decide_nothing;
+    c->render = chunk_done;
+    c->failed = chunk_done;
+    *out = c;
+    return KL_OK;
+}
+
+/* Moves one entry's counts into c: its UsageRecorded and AuthFailed
+ * events, and its successes (the key's and its org's) into flight. */
+static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
+{
+    kl_daemon *d = u->d;
+    flushed *f = c->data;
+    int64_t now = c->now;       /* the events' time */
+    kl_event ev = {.type = KL_EV_USAGE_RECORDED, .has = KL_F_ID | KL_F_USAGE,
+                   .org = e->key->org->id, .id = e->key->id,
+                   .usage_from = e->from, .usage_to = now,
+                   .successes = e->successes, .failures = e->failures,
+                   .last_used = e->last};
+    for (uint32_t j = 0; j < e->nflows; j++) {
+        flow_count *fc = &e->flows[j];
+        if (fc->successes == 0 && fc->failures == 0)
+            continue;
+        ev.flows[ev.nflows] = (kl_str){fc->name, (uint32_t)strlen(fc->name)};
+        ev.flow_successes[ev.nflows] = fc->successes;
+        ev.flow_failures[ev.nflows++] = fc->failures;
+        fc->successes = fc->failures = 0;
+    }
+    if (ev.nflows > 0)
+        ev.has |= KL_F_FLOW_USAGE;
+    /* The org counted the same successes (unless it had no entry for
+     * want of memory): they leave its pending count with the key's. */
+    uint32_t norg = 0;
+    org_entry *oe = e->successes > 0 ? org_entry_for(u, e->key->org) : NULL;
+    if (oe != NULL) {
+        norg = oe->pending < e->successes ? (uint32_t)oe->pending : e->successes;
+        oe->pending -= norg;
+    }
+    if (kl_cmd_event(d, c, &ev) != KL_OK) {
+        KL_LOGF(&d->logger, KL_WARN, "usage of a key not recorded: out of memory");
+    } else if (e->successes > 0) {
+        f->keys[f->nkeys].key = e->key;
+        f->keys[f->nkeys].n = e->successes;
+        f->keys[f->nkeys++].norg = norg;
+        e->inflight += e->successes;
+        if (oe != NULL)
+            oe->inflight += norg;
+    }
+    if (auth_failed(d, c, &e->key->org->id, &e->key->id, e->why, e->from,
+                    now) != KL_OK)
+        KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
+    memset(e->why, 0, sizeof e->why);
+    e->successes = e->failures = 0;
+    e->from = now;
+    e->last = 0;
+}
+
+/* Fills c from the entry at u->cursor on, until c is full or `scan`
+ * entries were looked at; drops entries idle for IDLE_MS on the way.
+ * Returns true when every entry was looked at and the refusals that named
+ * no key are in c too. Entries only move when one is dropped (the last
+ * takes its place, at the cursor) and new ones are added at the end, so a
+ * pass looks at every entry once. */
+static bool chunk_fill(kl_usage *u, kl_cmd *c, uint32_t scan)
+{
+    kl_daemon *d = u->d;
+    while (u->cursor < u->len && scan > 0 && c->nevents + 2 <= CHUNK_EVENTS) {
+        entry *e = &u->items[u->cursor];
+        scan--;
+        if (e->successes == 0 && e->failures == 0) {
+            if (c->now - e->active >= IDLE_MS && e->inflight == 0)
+                entry_drop(u, u->cursor);
+            else
+                u->cursor++;
+            continue;
+        }
+        entry_flush(u, e, c);
+        u->cursor++;
+    }
+    if (u->cursor < u->len || c->nevents >= CHUNK_EVENTS)
+        return false;
+    static const kl_id none;
+    if (auth_failed(d, c, &none, NULL, u->nameless, u->nameless_from,
+                    c->now) != KL_OK)
+        KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
+    memset(u->nameless, 0, sizeof u->nameless);
+    u->nameless_from = 0;
+    return true;
+}
+
+/* ---- passes ------------------------------------------------------------ */
+
+static void on_step(uv_idle_t *h);
+
+static void pass_begin(kl_usage *u)
+{
+    u->pass = ++u->passes;
+    u->cursor = 0;
+    u->pass_t0 = uv_hrtime();
+    u->pass_events = u->pass_cmds = 0;
+    pass_next(u);
+}
+
+static void pass_end(kl_usage *u)
+{
+    KL_LOGF(&u->d->logger, KL_DEBUG, "usage flush: %u events in %u commands "
+            "over %.1f ms", u->pass_events, u->pass_cmds,
+            (double)(uv_hrtime() - u->pass_t0) / 1e6);
+    u->pass = 0;
+    if (u->again) {             /* the pass took longer than an interval */
+        u->again = false;
+        pass_begin(u);
+    }
+}
+
+/* The next command, on the next loop turn: requests are read in between. */
+static void pass_next(kl_usage *u)
+{
+    int rc = uv_idle_start(&u->step, on_step);
+    assert(rc == 0);            /* only fails without a callback */
+    (void)rc;
+}
+
+static void on_step(uv_idle_t *h)
+{
+    kl_usage *u = h->data;
+    uv_idle_stop(h);
+    if (u->pass == 0)
+        return;
+    kl_cmd *c;
+    if (chunk_new(u, &c) != KL_OK) {
+        KL_LOGF(&u->d->logger, KL_WARN, "usage not flushed: out of memory");
+        u->again = false;
+        pass_end(u);            /* the counts stay for the next pass */
+        return;
+    }
+    bool last = chunk_fill(u, c, CHUNK_SCAN);
+    if (c->nevents == 0) {      /* only idle entries this turn */
+        kl_cmd_free(c);
+        if (last)
+            pass_end(u);
+        else
+            pass_next(u);
+        return;
+    }
+    flushed *f = c->data;
+    f->pass = u->pass;
+    f->last = last;
+    u->pass_events += c->nevents;
+    u->pass_cmds++;
+    /* No locks: decided at once; chunk_done goes on with the pass once
+     * the events are applied (or the write failed). */
+    kl_cmd_submit(u->d, c);
+}
+
+static void on_flush_timer(uv_timer_t *t)
+{
+    kl_usage *u = t->data;
+    if (u->pass != 0)
+        u->again = true;
+    else
+        pass_begin(u);
 }
 
 void kl_usage_flush(kl_usage *u)
 {
     kl_daemon *d = u->d;
-    int64_t now = kl_daemon_now(d);
-    kl_cmd *c = kl_cmd_new(d, NULL, NULL);
-    flushed *f = calloc(1, sizeof *f);
-    if (f != NULL) {
-        f->keys = calloc(u->len + 1, sizeof *f->keys);
-        f->orgs = calloc(u->norgs + 1, sizeof *f->orgs);
-    }
-    if (c == NULL || f == NULL || f->keys == NULL || f->orgs == NULL) {
-        KL_LOGF(&d->logger, KL_WARN, "usage not flushed: out of memory");
-        if (f != NULL)
-            flushed_free(f);
-        free(f);
-        kl_cmd_free(c);
-        return;                 /* the counts stay for the next flush */
-    }
-    for (uint32_t i = 0; i < u->len;) {
-        entry *e = &u->items[i];
-        if (e->successes == 0 && e->failures == 0) {
-            if (now - e->active >= IDLE_MS && e->inflight == 0) {
-                entry_drop(u, i);
-                continue;
-            }
-            i++;
-            continue;
+    /* Everything, now: a pass under way is abandoned (its command being
+     * written still releases its counts) and this one starts over. */
+    uv_idle_stop(&u->step);
+    u->pass = 0;
+    u->again = false;
+    u->cursor = 0;
+    for (bool last = false; !last;) {
+        kl_cmd *c;
+        if (chunk_new(u, &c) != KL_OK) {
+            KL_LOGF(&d->logger, KL_WARN, "usage not flushed: out of memory");
+            return;             /* the counts stay for the next flush */
         }
-        kl_event ev = {.type = KL_EV_USAGE_RECORDED, .has = KL_F_ID | KL_F_USAGE,
-                       .org = e->key->org->id, .id = e->key->id,
-                       .usage_from = e->from, .usage_to = now,
-                       .successes = e->successes, .failures = e->failures,
-                       .last_used = e->last};
-        for (uint32_t j = 0; j < e->nflows; j++) {
-            flow_count *fc = &e->flows[j];
-            if (fc->successes == 0 && fc->failures == 0)
-                continue;
-            ev.flows[ev.nflows] = (kl_str){fc->name, (uint32_t)strlen(fc->name)};
-            ev.flow_successes[ev.nflows] = fc->successes;
-            ev.flow_failures[ev.nflows++] = fc->failures;
-            fc->successes = fc->failures = 0;
-        }
-        if (ev.nflows > 0)
-            ev.has |= KL_F_FLOW_USAGE;
-        if (kl_cmd_event(d, c, &ev) != KL_OK)
-            KL_LOGF(&d->logger, KL_WARN, "usage of a key not recorded: out of memory");
-        else if (e->successes > 0) {
-            f->keys[f->nkeys].key = e->key;
-            f->keys[f->nkeys++].n = e->successes;
-            e->inflight += e->successes;
-        }
-        if (auth_failed(d, c, &e->key->org->id, &e->key->id, e->why, e->from,
-                        now) != KL_OK)
-            KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
-        memset(e->why, 0, sizeof e->why);
-        e->successes = e->failures = 0;
-        e->from = now;
-        e->last = 0;
-        i++;
+        last = chunk_fill(u, c, UINT32_MAX);
+        if (c->nevents == 0)
+            kl_cmd_free(c);
+        else
+            kl_cmd_submit(d, c);
     }
-    for (uint32_t i = 0; i < u->norgs; i++) {
-        org_entry *oe = &u->orgs[i];
-        if (oe->pending == 0)
-            continue;
-        f->orgs[f->norgs].org = oe->org;
-        f->orgs[f->norgs++].n = oe->pending;
-        oe->inflight += oe->pending;
-        oe->pending = 0;
-    }
-    static const kl_id none;
-    if (auth_failed(d, c, &none, NULL, u->nameless, u->nameless_from, now) != KL_OK)
-        KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
-    memset(u->nameless, 0, sizeof u->nameless);
-    u->nameless_from = 0;
-    c->data = f;
-    c->data_free = flushed_free;
-    c->decide = decide_nothing;
-    c->render = flush_done;
-    c->failed = flush_done;
-    kl_cmd_submit(d, c);        /* with no events, it just ends */
 }
-
-static void on_flush_timer(uv_timer_t *t) { kl_usage_flush(t->data); }
 
 int kl_usage_new(kl_daemon *d, unsigned interval_ms, kl_usage **out)
 {
@@ -443,8 +592,11 @@ int kl_usage_new(kl_daemon *d, unsigned interval_ms, kl_usage **out)
         return KL_ENOMEM;
     u->d = d;
     int rc = uv_timer_init(d->loop, &u->timer);
+    if (rc == 0)
+        rc = uv_idle_init(d->loop, &u->step);
     if (rc == 0) {
         u->timer.data = u;
+        u->step.data = u;
         rc = uv_timer_start(&u->timer, on_flush_timer, interval_ms, interval_ms);
     }
     if (rc != 0) {
@@ -465,8 +617,14 @@ static void on_closed(uv_handle_t *h)
     free(u);
 }
 
+static void on_timer_closed(uv_handle_t *h)
+{
+    kl_usage *u = h->data;
+    uv_close((uv_handle_t *)&u->step, on_closed);
+}
+
 void kl_usage_free(kl_usage *u)
 {
     if (u != NULL)
-        uv_close((uv_handle_t *)&u->timer, on_closed);
+        uv_close((uv_handle_t *)&u->timer, on_timer_closed);
 }

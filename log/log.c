@@ -191,8 +191,11 @@ static int fsync_dir(const char *dir)
 
 /* temp -> write -> fsync -> rename -> fsync dir: the file is either the old
  * one or the new one after any crash. */
-static int write_file_atomic(const char *dir, const char *name, const void *data,
-                             size_t len, kl_err *err)
+/* Writes `head` then `body` as file `name` in dir: temp, fsync, rename,
+ * fsync the dir, so the file is either whole or not there. */
+static int write_file_atomic(const char *dir, const char *name, const void *head,
+                             size_t head_len, const void *body, size_t body_len,
+                             kl_err *err)
 {
     int rc = KL_EIO, fd = -1;
     char tmpname[64];
@@ -207,7 +210,9 @@ static int write_file_atomic(const char *dir, const char *name, const void *data
         kl_err_set(err, "create %s: %s", tmp, strerror(errno));
         goto cleanup;
     }
-    rc = write_all(fd, data, len, 0);
+    rc = write_all(fd, head, head_len, 0);
+    if (rc == KL_OK && body_len > 0)
+        rc = write_all(fd, body, body_len, (off_t)head_len);
     if (rc != KL_OK) {
         kl_err_set(err, "write %s: %s", tmp, strerror(errno));
         goto cleanup;
@@ -236,7 +241,7 @@ static int write_manifest(const char *dir, uint64_t first, uint64_t last,
     segment_name(last, b);
     int n = snprintf(text, sizeof text, "keyledger-manifest 1\nfirst %s\nlast %s\n",
                      a, b);
-    return write_file_atomic(dir, "MANIFEST", text, (size_t)n, err);
+    return write_file_atomic(dir, "MANIFEST", text, (size_t)n, NULL, 0, err);
 }
 
 static int read_manifest(const char *dir, uint64_t *first, uint64_t *last,
@@ -289,7 +294,7 @@ static int segment_create(const char *dir, uint64_t first_seq,
     char name[32];
     header_build(h, first_seq, prev);
     segment_name(first_seq, name);
-    return write_file_atomic(dir, name, h, sizeof h, err);
+    return write_file_atomic(dir, name, h, sizeof h, NULL, 0, err);
 }
 
 /* ---- reading segments -------------------------------------------------- */
@@ -994,38 +999,9 @@ int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_
     put_u64(h + 56, len);
     put_u32(h + 64, kl_crc32c(0, payload, len));
     put_u32(h + 68, kl_crc32c(0, h, 68));
-    char name[48], tmpname[64];
+    char name[48];
     snapshot_name(seq, name);
-    snprintf(tmpname, sizeof tmpname, "%s.tmp", name);
-    char *tmp = path_join(dir, tmpname), *dst = path_join(dir, name);
-    int rc = KL_ENOMEM, fd = -1;
-    if (tmp == NULL || dst == NULL)
-        goto cleanup;
-    rc = KL_EIO;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        kl_err_set(err, "create %s: %s", tmp, strerror(errno));
-        goto cleanup;
-    }
-    if ((rc = write_all(fd, h, sizeof h, 0)) != KL_OK ||
-        (rc = write_all(fd, payload, len, SNAP_HEADER)) != KL_OK) {
-        kl_err_set(err, "write %s: %s", tmp, strerror(errno));
-        goto cleanup;
-    }
-    rc = KL_EIO;
-    if (fsync(fd) != 0 || rename(tmp, dst) != 0 || fsync_dir(dir) != KL_OK) {
-        kl_err_set(err, "replace %s: %s", dst, strerror(errno));
-        goto cleanup;
-    }
-    rc = KL_OK;
-cleanup:
-    if (fd >= 0)
-        close(fd);
-    if (rc != KL_OK && tmp != NULL)
-        unlink(tmp);
-    free(tmp);
-    free(dst);
-    return rc;
+    return write_file_atomic(dir, name, h, sizeof h, payload, len, err);
 }
 
 int kl_snapshot_read(const char *dir, uint64_t seq, kl_buf *payload,

@@ -14,6 +14,7 @@ Run: KL_BUILD_DIR=build python3 tests/e2e/test_usage.py [name-substring...]
 
 import csv
 import io
+import json
 import os
 import sys
 import time
@@ -463,6 +464,111 @@ def test_kill9_loses_at_most_the_last_interval_and_never_counts_twice():
     again = report(env.client(), k["id"], "hour")
     eq(again["totals"]["requests"], got, "requests after a second restart")
     env.stop()
+    h.verify_ok(env.data)
+
+
+
+# --------------------------------------------------------------------------
+# Many keys: a flush goes out in bounded commands, and stays exact
+
+FLUSH_CMD_MAX = 256     # events per flush command (daemon/usage.c CHUNK_EVENTS)
+FLUSH_TYPES = {"UsageRecorded", "AuthFailed"}
+
+
+def log_commands(data):
+    """The log's commands, each the list of its records' seqs: a record's
+    payload is [seq, prev hash, more, ...]; `more` (byte 44) is true on every
+    record of a command but its last."""
+    cmds, cur = [], []
+    for seg in h.parse_log(data):
+        for r in seg.records:
+            p = r.payload
+            eq((p[0], p[1], p[10], p[11]), (0x9a, 0xcf, 0xc4, 0x20),
+               "record prefix at offset %d" % r.offset)
+            check(p[44] in (0xc2, 0xc3), "more flag at offset %d" % r.offset)
+            cur.append(int.from_bytes(p[2:10], "big"))
+            if p[44] == 0xc2:
+                cmds.append(cur)
+                cur = []
+    eq(cur, [], "records after the last command's end")
+    return cmds
+
+
+def test_many_keys_flush_in_bounded_commands_exactly():
+    """Usage of more keys than one flush command holds goes out in several
+    commands, on the timer and at a clean stop, each of at most
+    FLUSH_CMD_MAX events and holding only usage events; every call is
+    counted once, and a key's periods follow one another without overlap."""
+    guard = {"verify_failures_per_minute": 100000}     # wrong secrets pass
+    quiet = dict(QUIET, **guard)
+    env = h.Env(fsync="off", config=dict(guard, usage_flush_ms=1000))
+    c = env.client()
+    nkeys = 2 * FLUSH_CMD_MAX + 100
+    keys = [h.create_key(c, "k%d" % i) for i in range(nkeys)]
+    want = {}                           # key id -> (successes, failures)
+
+    def use(rounds):
+        v = h.Client(env.port, None)    # one keep-alive connection
+        for i, (k, sec) in enumerate(keys):
+            for _ in range(rounds(i)):
+                r = expect(v.post("/v1/keys/verify", {"key": sec, "flow": "f"}), 200)
+                eq(r.json["code"], "VALID", "verification of key %d" % i)
+            ok, bad = want.get(k["id"], (0, 0))
+            ok += rounds(i)
+            if i % 4 == 0:              # and an AuthFailed event for it
+                r = expect(v.post("/v1/keys/verify", {"key": wrong_secret(sec)}), 200)
+                eq(r.json["code"], "NOT_FOUND", "a wrong secret")
+                bad += 1
+            want[k["id"]] = (ok, bad)
+        v.close()
+
+    def matches():
+        rows = key_rows(report(c, None, "hour"))
+        return all(kid in rows and (rows[kid]["successes"], rows[kid]["failures"])
+                   == w for kid, w in want.items())
+
+    # The timer's flushes.
+    use(lambda i: 1 + i % 3)
+    h.wait_until(matches, 15, what="every key's use in the org report")
+    head = max(max(cmd) for cmd in log_commands(env.data))
+    # The flush at a clean stop: everything since, at once.
+    env.restart(config=quiet)
+    use(lambda i: 1)
+    env.stop()
+    env.start(config=quiet)
+    c = env.client()
+    check(matches(), "after a clean stop and a restart, every call counted "
+          "once: %r" % {kid: (r["successes"], r["failures"]) for kid, r in
+                        key_rows(report(c, None, "hour")).items()
+                        if kid in want and want[kid] != (r["successes"],
+                                                          r["failures"])})
+    env.stop()
+
+    res = h.run_tool("replay", "--data", env.data)
+    eq(res.rc, 0, "replay exit status: " + res.describe())
+    events = {e["seq"]: e for e in map(json.loads, res.stdout.splitlines())}
+    stop_flush = 0
+    for cmd in log_commands(env.data):
+        types = {events[seq]["type"] for seq in cmd}
+        if types & FLUSH_TYPES:
+            check(types <= FLUSH_TYPES, "a flush command holds %s" % sorted(types))
+            check(len(cmd) <= FLUSH_CMD_MAX, "a flush command of %d events, "
+                  "more than %d" % (len(cmd), FLUSH_CMD_MAX))
+            if cmd[0] > head:
+                stop_flush += 1
+    check(stop_flush >= 3, "the stop flush of %d keys' use went out in %d "
+          "commands" % (nkeys, stop_flush))
+    last_to = {}
+    for seq in sorted(events):
+        e = events[seq]
+        if e["type"] != "UsageRecorded":
+            continue
+        kid, u = e["target"]["id"], e["data"]["usage"]
+        frm, to = h.parse_time(u["from"]), h.parse_time(u["to"])
+        check(frm <= to, "usage period %s..%s" % (u["from"], u["to"]))
+        check(frm >= last_to.get(kid, frm), "key %s: a period from %s overlaps "
+              "the one before" % (kid, u["from"]))
+        last_to[kid] = to
     h.verify_ok(env.data)
 
 
