@@ -121,13 +121,14 @@ kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
     if (!match && k->grace != NULL && k->grace->until > now)
         match = CRYPTO_memcmp(h, k->grace->old_hash, KL_HASH_LEN) == 0;
+    kl_key_status st = kl_key_status_at(k, now);
     if (k->deleted)
         *why = KL_FAIL_DELETED;
     else if (!match)
         *why = KL_FAIL_WRONG_SECRET;
-    else if (kl_key_status_at(k, now) == KL_KEY_REVOKED)
+    else if (st == KL_KEY_REVOKED)
         *why = KL_FAIL_REVOKED;
-    else if (kl_key_status_at(k, now) == KL_KEY_EXPIRED)
+    else if (st == KL_KEY_EXPIRED)
         *why = KL_FAIL_EXPIRED;
     else if (!kl_key_owner_enabled(k))
         *why = KL_FAIL_OWNER_DISABLED;
@@ -187,12 +188,10 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
         kl_api_error(req, 401, "unauthenticated", BAD_KEY, NULL);
         return -1;
     }
-    /* The usage limits themselves stay reachable: an org at its quota
-     * must be able to read and raise it. */
     kl_ratelimit rl;
-    kl_rl_verdict v = strcmp(req->route, "/v1/org/usage-limits") == 0
-                          ? KL_RL_OK
-                          : kl_usage_admit(d->usage, k, 1, now, &rl);
+    kl_rl_verdict v = (need & KL_NEED_UNLIMITED) ? KL_RL_OK
+                                                 : kl_usage_admit(d->usage, k, 1, now, &rl);
+    need &= KL_NEED_LEVEL;
     if (v == KL_RL_OK)
         kl_usage_note(d->usage, k, (kl_str){"", 0}, 1, now);
     else
@@ -528,6 +527,12 @@ int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev)
         return -1;
     }
     return 0;
+}
+
+bool kl_api_may_mint_for_user(const kl_caller *c, const kl_id *user)
+{
+    return c->role == KL_ROLE_OWNER ||
+           (c->principal.type == KL_PRINCIPAL_USER && kl_id_eq(&c->principal.id, user));
 }
 
 int kl_api_emit_new(kl_daemon *d, kl_cmd *c, kl_event *ev)

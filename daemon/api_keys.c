@@ -506,9 +506,8 @@ static int decide_regenerate(kl_daemon *d, kl_cmd *c)
     }
     /* A new secret is a new key in hand: the rule for minting holds, or a
      * manager could regenerate an owner's key and act as that owner. */
-    const kl_ref *me = &c->caller.principal;
-    if (c->caller.role != KL_ROLE_OWNER && k->owner.type == KL_PRINCIPAL_USER &&
-        !(me->type == KL_PRINCIPAL_USER && kl_id_eq(&me->id, &k->owner.id))) {
+    if (k->owner.type == KL_PRINCIPAL_USER &&
+        !kl_api_may_mint_for_user(&c->caller, &k->owner.id)) {
         kl_api_error(c->req, 403, "permission_denied",
                      "a manager may regenerate only their own keys and service "
                      "accounts' keys", NULL);

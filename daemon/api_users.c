@@ -313,11 +313,7 @@ void kl_h_users_keys_create(kl_http_request *req)
         kl_api_path_id(req, 0, KL_ID_USER, &id) != 0 ||
         org_user(d, req, &caller, &id) == NULL)
         return;
-    /* A manager minting a key for someone else could borrow a higher role
-     * (or lend one): keys for others come from an owner. */
-    bool self = caller.principal.type == KL_PRINCIPAL_USER &&
-                kl_id_eq(&caller.principal.id, &id);
-    if (caller.role != KL_ROLE_OWNER && !self) {
+    if (!kl_api_may_mint_for_user(&caller, &id)) {
         kl_api_error(req, 403, "permission_denied",
                      "a manager may create API keys only for themself", NULL);
         return;
@@ -349,7 +345,7 @@ void kl_h_limits_get(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
     kl_caller caller;
-    if (kl_api_auth(d, req, KL_NEED_READ, &caller) == 0)
+    if (kl_api_auth(d, req, KL_NEED_READ | KL_NEED_UNLIMITED, &caller) == 0)
         kl_api_json(req, 200, kl_render_limits(caller.org), NULL);
 }
 
@@ -380,7 +376,7 @@ void kl_h_limits_put(kl_http_request *req)
     kl_daemon *d = req->ctx;
     kl_caller caller;
     json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0)
+    if (kl_api_auth(d, req, KL_NEED_WRITE | KL_NEED_UNLIMITED, &caller) != 0)
         return;
     if (caller.role != KL_ROLE_OWNER) {
         kl_api_error(req, 403, "permission_denied",

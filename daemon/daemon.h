@@ -334,7 +334,12 @@ void kl_daemon_list_keys(kl_daemon *d, kl_http_request *req, const kl_org *org,
 typedef enum {
     KL_NEED_ANY = 0,            /* any valid key (GET /v1/me) */
     KL_NEED_READ,               /* management read: owner/manager, not flows */
-    KL_NEED_WRITE               /* management write: also not read_only */
+    KL_NEED_WRITE,              /* management write: also not read_only */
+    KL_NEED_LEVEL = 3,          /* the bits of the three above */
+    KL_NEED_UNLIMITED = 4       /* or'ed in: the call is not counted against
+                                   the key's and org's limits (the usage
+                                   limits themselves, so an org at its quota
+                                   can still raise it) */
 } kl_need;
 
 /* Authenticates and authorizes; on failure answers the request and returns
@@ -368,6 +373,10 @@ kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
 /* kl_cmd_event for decide functions: answers 503 and returns -1 when the
  * event cannot be built. */
 int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev);
+/* May the caller get a new secret for a key of `user` (minting or
+ * regenerating)? An owner for anyone, anyone else only for themself: a
+ * manager with a key of someone else could borrow a higher role. */
+bool kl_api_may_mint_for_user(const kl_caller *c, const kl_id *user);
 /* kl_api_emit for an event that makes something new: gives it a fresh id,
  * which becomes the command's target. */
 int kl_api_emit_new(kl_daemon *d, kl_cmd *c, kl_event *ev);

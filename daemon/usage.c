@@ -132,11 +132,12 @@ static entry *entry_for(kl_usage *u, kl_key *k, int64_t now)
     return e;
 }
 
+/* An org's entry, found through its slot like a key's (every accepted
+ * call comes here: no search); org entries live as long as the daemon. */
 static org_entry *org_entry_for(kl_usage *u, kl_org *o)
 {
-    for (uint32_t i = 0; i < u->norgs; i++)
-        if (u->orgs[i].org == o)
-            return &u->orgs[i];
+    if (o->usage_slot != 0)
+        return &u->orgs[o->usage_slot - 1];
     if (u->norgs == u->cap_orgs) {
         uint32_t cap = u->cap_orgs ? u->cap_orgs * 2 : 8;
         org_entry *orgs = realloc(u->orgs, cap * sizeof *orgs);
@@ -147,6 +148,7 @@ static org_entry *org_entry_for(kl_usage *u, kl_org *o)
     }
     org_entry *oe = &u->orgs[u->norgs++];
     *oe = (org_entry){.org = o};
+    o->usage_slot = u->norgs;
     return oe;
 }
 
@@ -612,6 +614,8 @@ static void on_closed(uv_handle_t *h)
     kl_usage *u = h->data;
     while (u->len > 0)
         entry_drop(u, u->len - 1);
+    for (uint32_t i = 0; i < u->norgs; i++)
+        u->orgs[i].org->usage_slot = 0;
     free(u->items);
     free(u->orgs);
     free(u);

@@ -57,6 +57,7 @@ typedef struct kl_org {
      * audit queries walk (the events themselves stay in the log). */
     uint64_t *history;
     uint64_t history_len, history_cap;
+    uint32_t usage_slot;        /* the daemon's usage entry + 1; not state */
 } kl_org;
 
 #define KL_HISTORY_SEQ(h) ((h) >> 8)
