@@ -27,7 +27,9 @@
  *   title str, ref bin16, content str, author uint,
  *   fl [[flow str, successes uint, failures uint], ...] (UsageRecorded v2),
  *   alert [type uint, condition bin16],
- *   auth [from int, to int, [count uint per kl_fail_reason 1..7]]
+ *   auth [from int, to int, [count uint per kl_fail_reason 1..7]],
+ *   compact [through_seq uint, through_hash bin32, cutoff int, folded uint,
+ *            totals uint] (LogCompacted)
  *
  * Enumerations are stored as the small integers of log.h (documented in
  * docs/events.md); they are never renumbered. A new field or meaning means a
@@ -110,6 +112,8 @@ static const event_spec specs[KL_EV_TYPE_COUNT] = {
         KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT | KL_F_IDEM},
     [KL_EV_SESSION_DELETED] = {"SessionDeleted", 1, KL_CAT_RESOURCES,
         KL_F_ID, KL_F_ID | KL_F_IDEM},
+    [KL_EV_LOG_COMPACTED] = {"LogCompacted", 1, KL_CAT_CONTROL,
+        KL_F_COMPACT, KL_F_COMPACT},
 };
 
 const char *kl_event_type_name(kl_event_type t)
@@ -350,6 +354,13 @@ int kl_event_encode(const kl_event *ev, kl_buf *out)
         for (int i = 1; !rc && i < KL_FAIL_REASONS; i++)
             rc = msgpack_pack_uint32(&pk, ev->auth_counts[i]);
     }
+    if (!rc && (has & KL_F_COMPACT))
+        rc = pack_key(&pk, "compact") || msgpack_pack_array(&pk, 5) ||
+             msgpack_pack_uint64(&pk, ev->compact.through_seq) ||
+             pack_bin(&pk, ev->compact.through_hash, KL_HASH_LEN) ||
+             msgpack_pack_int64(&pk, ev->compact.cutoff) ||
+             msgpack_pack_uint64(&pk, ev->compact.folded) ||
+             msgpack_pack_uint64(&pk, ev->compact.totals);
     if (!rc && (has & KL_F_TITLE))
         rc = pack_key(&pk, "title") || pack_str(&pk, ev->title.ptr, ev->title.len);
     if (!rc && (has & KL_F_REF))
@@ -517,6 +528,15 @@ static uint32_t decode_field(const msgpack_object *k, const msgpack_object *v,
         return get_bin(v, ev->ref.b, 16) ? KL_F_REF : 0;
     if (key_is(k, "content"))
         return get_str(v, &ev->content) ? KL_F_CONTENT : 0;
+    if (key_is(k, "compact")) {
+        a = v->via.array.ptr;
+        return is_array(v, 5) && get_uint(&a[0], UINT64_MAX, &ev->compact.through_seq) &&
+                       get_bin(&a[1], ev->compact.through_hash, KL_HASH_LEN) &&
+                       get_int(&a[2], &ev->compact.cutoff) &&
+                       get_uint(&a[3], UINT64_MAX, &ev->compact.folded) &&
+                       get_uint(&a[4], UINT64_MAX, &ev->compact.totals)
+                   ? KL_F_COMPACT : 0;
+    }
     if (key_is(k, "author")) {
         if (!get_enum(v, KL_AUTHOR_ASSISTANT, &e))
             return 0;

@@ -78,7 +78,7 @@
 enum {
     HEADER_SIZE = 64,
     FORMAT_VERSION = 2,
-    PREFIX_SIZE = 45,            /* 0x9a, seq (9), prev (34), more (1) */
+    PREFIX_SIZE = KL_RECORD_PREFIX_LEN, /* 0x9a, seq (9), prev (34), more (1) */
     MAX_SEGMENTS = 1 << 20
 };
 #define KL_LOG_MAX_RECORD (1u << 20)
@@ -189,8 +189,6 @@ static int fsync_dir(const char *dir)
     return rc;
 }
 
-/* temp -> write -> fsync -> rename -> fsync dir: the file is either the old
- * one or the new one after any crash. */
 /* Writes `head` then `body` as file `name` in dir: temp, fsync, rename,
  * fsync the dir, so the file is either whole or not there. */
 static int write_file_atomic(const char *dir, const char *name, const void *head,
@@ -496,6 +494,191 @@ static int list_segments(kl_log *log, uint64_t first, uint64_t last, kl_err *err
     return KL_OK;
 }
 
+/* ---- compaction: switching to a rewritten log -------------------------- */
+
+/*
+ * `keyledger compact` builds the new log whole in DATA/compact.tmp: segments
+ * numbered on from the old head and chained to it (so no name can collide
+ * with an old segment), a snapshot and a MANIFEST. Renaming that directory
+ * to DATA/compact.ready is the commit: before it the old log is the log,
+ * after it the new one is. kl_log_compact_finish then moves the new
+ * MANIFEST in (from then on the old segments are outside the log: they are
+ * before its first seq), moves the new segments and snapshot in, deletes
+ * the old segments and snapshots, and removes the directory. Every step can
+ * be run again, so whoever next opens the dir as its writer finishes a
+ * compaction a crash interrupted; readers without the lock refuse until
+ * then. A compact.tmp left by a crash before the commit is thrown away.
+ */
+#define COMPACT_TMP "compact.tmp"
+#define COMPACT_READY "compact.ready"
+
+static bool snapshot_file(const char *name, uint64_t *seq);
+
+/* Deletes the plain files in dir, then dir itself. */
+static int remove_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return errno == ENOENT ? KL_OK : KL_EIO;
+    struct dirent *e;
+    int rc = KL_OK;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
+            rc = KL_EIO;
+    }
+    closedir(d);
+    if (rc == KL_OK && rmdir(dir) != 0 && errno != ENOENT)
+        rc = KL_EIO;
+    return rc;
+}
+
+char *kl_log_compact_prepare(const char *data, kl_err *err)
+{
+    char *dir = path_join(data, COMPACT_TMP);
+    if (dir == NULL)
+        return NULL;
+    if (remove_dir(dir) != KL_OK || mkdir(dir, 0700) != 0) {
+        kl_err_set(err, "make %s: %s", dir, strerror(errno));
+        free(dir);
+        return NULL;
+    }
+    return dir;
+}
+
+void kl_log_compact_abandon(const char *data)
+{
+    char *dir = path_join(data, COMPACT_TMP);
+    if (dir != NULL)
+        remove_dir(dir);
+    free(dir);
+}
+
+int kl_log_compact_commit(const char *data, const kl_logger *lg, kl_err *err)
+{
+    char *tmp = path_join(data, COMPACT_TMP), *ready = path_join(data, COMPACT_READY);
+    int rc = KL_ENOMEM;
+    if (tmp != NULL && ready != NULL) {
+        rc = KL_OK;
+        if (fsync_dir(tmp) != KL_OK || rename(tmp, ready) != 0 ||
+            fsync_dir(data) != KL_OK) {
+            kl_err_set(err, "commit %s: %s", ready, strerror(errno));
+            rc = KL_EIO;
+        }
+    }
+    free(tmp);
+    free(ready);
+    return rc == KL_OK ? kl_log_compact_finish(data, lg, err) : rc;
+}
+
+/* Moves (when `move`) or deletes each segment and snapshot file of `from`
+ * that is (move) at or past / (delete) before `first`. */
+static int sweep(const char *from, const char *data, uint64_t first, bool move,
+                 kl_err *err)
+{
+    DIR *d = opendir(from);
+    if (d == NULL) {
+        kl_err_set(err, "open %s: %s", from, strerror(errno));
+        return KL_EIO;
+    }
+    struct dirent *e;
+    int rc = KL_OK;
+    while (rc == KL_OK && (e = readdir(d)) != NULL) {
+        uint64_t s;
+        if (!parse_segment_name(e->d_name, &s) && !snapshot_file(e->d_name, &s))
+            continue;
+        if (move != (s >= first))
+            continue;
+        char *src = path_join(from, e->d_name), *dst = path_join(data, e->d_name);
+        if (src == NULL || dst == NULL)
+            rc = KL_ENOMEM;
+        else if (move ? rename(src, dst) != 0 : (unlink(src) != 0 && errno != ENOENT)) {
+            kl_err_set(err, "%s %s: %s", move ? "move" : "delete", src, strerror(errno));
+            rc = KL_EIO;
+        }
+        free(src);
+        free(dst);
+    }
+    closedir(d);
+    return rc;
+}
+
+static int read_manifest(const char *dir, uint64_t *first, uint64_t *last,
+                         kl_err *err);
+
+int kl_log_compact_finish(const char *data, const kl_logger *lg, kl_err *err)
+{
+    char *ready = path_join(data, COMPACT_READY);
+    char *manifest = path_join(ready ? ready : "", "MANIFEST");
+    char *live = path_join(data, "MANIFEST");
+    int rc = KL_ENOMEM;
+    uint64_t first, last;
+    if (ready == NULL || manifest == NULL || live == NULL)
+        goto cleanup;
+    rc = KL_OK;
+    if (access(ready, F_OK) != 0)
+        goto cleanup;               /* nothing to finish */
+    KL_LOGF(lg, KL_INFO, "switching %s to its compacted log", data);
+    if (access(manifest, F_OK) == 0 &&
+        (rename(manifest, live) != 0 || fsync_dir(data) != KL_OK)) {
+        kl_err_set(err, "move %s: %s", manifest, strerror(errno));
+        rc = KL_EIO;
+        goto cleanup;
+    }
+    if ((rc = read_manifest(data, &first, &last, err)) != KL_OK ||
+        (rc = sweep(ready, data, first, true, err)) != KL_OK)
+        goto cleanup;
+    if (fsync_dir(data) != KL_OK) {
+        kl_err_set(err, "fsync %s: %s", data, strerror(errno));
+        rc = KL_EIO;
+        goto cleanup;
+    }
+    if ((rc = sweep(data, data, first, false, err)) != KL_OK)
+        goto cleanup;
+    if (remove_dir(ready) != KL_OK || fsync_dir(data) != KL_OK) {
+        kl_err_set(err, "remove %s: %s", ready, strerror(errno));
+        rc = KL_EIO;
+    }
+cleanup:
+    free(ready);
+    free(manifest);
+    free(live);
+    return rc;
+}
+
+/* What the writer does with compaction leftovers before it reads the
+ * MANIFEST; what a reader without the lock says about them. */
+static int compaction_leftovers(const char *dir, bool writer, const kl_logger *lg,
+                                kl_err *err)
+{
+    char *tmp = path_join(dir, COMPACT_TMP), *ready = path_join(dir, COMPACT_READY);
+    int rc = KL_ENOMEM;
+    if (tmp == NULL || ready == NULL)
+        goto cleanup;
+    rc = KL_OK;
+    if (!writer) {
+        if (access(ready, F_OK) == 0) {
+            kl_err_set(err, "%s holds a compaction that was committed but not "
+                       "finished; start keyledgerd or run `keyledger compact` "
+                       "to finish it", dir);
+            rc = KL_EINVAL;
+        }
+    } else if (access(tmp, F_OK) == 0) {
+        KL_LOGF(lg, KL_WARN, "removing %s: a compaction that never committed "
+                "(the log is as it was before it)", tmp);
+        rc = remove_dir(tmp);
+        if (rc != KL_OK)
+            kl_err_set(err, "remove %s: %s", tmp, strerror(errno));
+    }
+    if (rc == KL_OK && writer)
+        rc = kl_log_compact_finish(dir, lg, err);
+cleanup:
+    free(tmp);
+    free(ready);
+    return rc;
+}
+
 /* ---- open and recovery ------------------------------------------------ */
 
 void kl_log_config_defaults(kl_log_config *cfg)
@@ -646,9 +829,11 @@ int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
         goto cleanup;
     }
     log->cfg.dir = log->dir;
-    if ((rc = read_manifest(log->dir, &first, &last, err)) != KL_OK)
-        goto cleanup;
-    if (!cfg->read_only && (rc = lock_dir(log, err)) != KL_OK)
+    /* Read twice: finishing a compaction replaces the MANIFEST. */
+    if ((rc = read_manifest(log->dir, &first, &last, err)) != KL_OK ||
+        (!cfg->read_only && (rc = lock_dir(log, err)) != KL_OK) ||
+        (rc = compaction_leftovers(log->dir, !cfg->read_only, cfg->logger, err)) != KL_OK ||
+        (rc = read_manifest(log->dir, &first, &last, err)) != KL_OK)
         goto cleanup;
     if ((rc = list_segments(log, first, last, err)) != KL_OK)
         goto cleanup;
@@ -724,6 +909,13 @@ void kl_log_close(kl_log *log)
 
 int kl_log_create(const kl_log_config *cfg, kl_err *err)
 {
+    static const uint8_t zero[KL_HASH_LEN];
+    return kl_log_create_after(cfg, 0, zero, err);
+}
+
+int kl_log_create_after(const kl_log_config *cfg, uint64_t seq,
+                        const uint8_t hash[KL_HASH_LEN], kl_err *err)
+{
     if (mkdir(cfg->dir, 0700) != 0 && errno != EEXIST) {
         kl_err_set(err, "create data dir %s: %s", cfg->dir, strerror(errno));
         return KL_EIO;
@@ -734,7 +926,7 @@ int kl_log_create(const kl_log_config *cfg, kl_err *err)
     bool exists = access(path, F_OK) == 0;
     free(path);
     char seg[32];
-    segment_name(1, seg);
+    segment_name(seq + 1, seg);
     path = path_join(cfg->dir, seg);
     if (path == NULL)
         return KL_ENOMEM;
@@ -744,10 +936,9 @@ int kl_log_create(const kl_log_config *cfg, kl_err *err)
         kl_err_set(err, "%s already holds a keyledger log", cfg->dir);
         return KL_EEXIST;
     }
-    static const uint8_t zero[KL_HASH_LEN];
-    int rc = segment_create(cfg->dir, 1, zero, err);
+    int rc = segment_create(cfg->dir, seq + 1, hash, err);
     if (rc == KL_OK)
-        rc = write_manifest(cfg->dir, 1, 1, err);
+        rc = write_manifest(cfg->dir, seq + 1, seq + 1, err);
     return rc;
 }
 
@@ -820,6 +1011,7 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
 }
 
 uint64_t kl_log_head_seq(const kl_log *log) { return log->head_seq; }
+uint64_t kl_log_first_seq(const kl_log *log) { return log->segs[0].first_seq; }
 
 void kl_log_head_hash(const kl_log *log, uint8_t out[KL_HASH_LEN])
 {

@@ -162,6 +162,7 @@ typedef enum {
     KL_EV_SESSION_CREATED,
     KL_EV_MESSAGE_POSTED,
     KL_EV_SESSION_DELETED,
+    KL_EV_LOG_COMPACTED,
     KL_EV_TYPE_COUNT
 } kl_event_type;
 
@@ -220,7 +221,8 @@ enum {
     KL_F_AUTHOR = 1u << 21,      /* a message's role: user or assistant */
     KL_F_FLOW_USAGE = 1u << 22,  /* usage by flow: flows[i] with counts */
     KL_F_ALERT = 1u << 23,       /* alert type + the condition it is about */
-    KL_F_AUTH = 1u << 24         /* refused authentications by reason */
+    KL_F_AUTH = 1u << 24,        /* refused authentications by reason */
+    KL_F_COMPACT = 1u << 25      /* what a compaction rewrote (LogCompacted) */
 };
 
 /* Why an authentication was refused (the 401 never says; the audit does). */
@@ -290,6 +292,16 @@ typedef struct kl_event {
     /* ... and by flow (KL_F_FLOW_USAGE, version 2): the calls that named
      * flows[i] (names in `flows`, nflows of them). */
     uint32_t flow_successes[KL_MAX_FLOWS], flow_failures[KL_MAX_FLOWS];
+    /* LogCompacted: the old log ended at through_seq with chain hash
+     * through_hash (the new one goes on from there); UsageRecorded events
+     * that ended before `cutoff` (folded of them) became `totals` daily
+     * totals. */
+    struct {
+        uint64_t through_seq;
+        uint8_t through_hash[KL_HASH_LEN];
+        int64_t cutoff;
+        uint64_t folded, totals;
+    } compact;
 } kl_event;
 
 typedef enum {
@@ -301,6 +313,11 @@ const char *kl_event_type_name(kl_event_type t);
 kl_event_type kl_event_type_parse(const char *s, size_t len);
 kl_category kl_event_category(kl_event_type t);
 const char *kl_category_name(kl_category c);
+
+/* A payload's fixed prefix (array header, seq, prev, more): what
+ * kl_log_frame writes in front of what kl_event_encode wrote. A record's
+ * payload past these bytes can be framed again as is. */
+enum { KL_RECORD_PREFIX_LEN = 45 };
 
 /* Envelope fields of a record's payload, before the body. */
 typedef struct kl_record_head {
@@ -373,6 +390,10 @@ typedef struct kl_log_recovery {
 
 /* Create an empty log in `dir` (made if missing). KL_EEXIST if one exists. */
 int kl_log_create(const kl_log_config *cfg, kl_err *err);
+/* ... one whose first record will be seq + 1, chained to `hash` (the chain
+ * head it goes on from): what compaction writes. */
+int kl_log_create_after(const kl_log_config *cfg, uint64_t seq,
+                        const uint8_t hash[KL_HASH_LEN], kl_err *err);
 
 /*
  * Open the log: lock the dir (unless read_only), check every segment, cut a
@@ -399,6 +420,9 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
                   kl_log_record_fn fn, void *arg, kl_err *err);
 
 uint64_t kl_log_head_seq(const kl_log *log);
+/* The seq the log begins at: 1, or one past the head a compaction went on
+ * from. */
+uint64_t kl_log_first_seq(const kl_log *log);
 void kl_log_head_hash(const kl_log *log, uint8_t out[KL_HASH_LEN]);
 
 /*
@@ -467,6 +491,26 @@ void kl_log_reader_close(kl_log_reader *r);   /* NULL is a no-op */
  * and offset in err when the record's framing or CRC is bad. */
 int kl_log_reader_get(kl_log_reader *r, uint64_t seq, kl_buf *payload,
                       uint8_t hash[KL_HASH_LEN], kl_err *err);
+
+/* ---- compaction (docs/log-format.md) ----------------------------------- */
+
+/*
+ * Switching a data dir to a rewritten log, all or nothing. The caller holds
+ * the dir's lock (an open kl_log) throughout:
+ *   kl_log_compact_prepare  empties and makes DATA/compact.tmp and returns
+ *                           its path (malloc'd; NULL with err set) for the
+ *                           new log (kl_log_create_after), its snapshot;
+ *   kl_log_compact_commit   makes it the log (the atomic step), then
+ *                           finishes the switch.
+ * kl_log_open (as writer) finishes a switch a crash interrupted and throws
+ * away a compact.tmp that was never committed; read-only opens refuse while
+ * a committed switch is unfinished.
+ */
+char *kl_log_compact_prepare(const char *data, kl_err *err);
+/* Throws away compact.tmp after a failure before the commit. */
+void kl_log_compact_abandon(const char *data);
+int kl_log_compact_commit(const char *data, const kl_logger *lg, kl_err *err);
+int kl_log_compact_finish(const char *data, const kl_logger *lg, kl_err *err);
 
 /* ---- snapshots (docs/log-format.md) ---------------------------------- */
 

@@ -857,8 +857,10 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
         return misfit(err, ev, "sequence gap");
     int rc;
     kl_org *o = NULL;
-    if (ev->type == KL_EV_AUTH_FAILED && kl_id_is_zero(&ev->org)) {
-        p->seq = ev->seq;       /* refusals that named no key: no org's */
+    if ((ev->type == KL_EV_AUTH_FAILED && kl_id_is_zero(&ev->org)) ||
+        ev->type == KL_EV_LOG_COMPACTED) {
+        p->seq = ev->seq;       /* no org's: refusals that named no key, and
+                                   the log's own record of a compaction */
         return KL_OK;
     }
     if (ev->type != KL_EV_ORG_CREATED) {

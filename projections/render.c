@@ -398,6 +398,16 @@ static json_t *event_data(const kl_event *ev)
         json_object_set_new(d, "to", kl_json_time(ev->usage_to));
         json_object_set_new(d, "reasons", why);
     }
+    if (ev->has & KL_F_COMPACT) {
+        char hex[2 * KL_HASH_LEN + 1];
+        kl_hex(ev->compact.through_hash, KL_HASH_LEN, hex);
+        json_object_set_new(d, "through_seq", json_integer((json_int_t)ev->compact.through_seq));
+        json_object_set_new(d, "through_hash", json_string(hex));
+        json_object_set_new(d, "usage_folded_before", kl_json_time(ev->compact.cutoff));
+        json_object_set_new(d, "usage_events_folded",
+                            json_integer((json_int_t)ev->compact.folded));
+        json_object_set_new(d, "daily_totals", json_integer((json_int_t)ev->compact.totals));
+    }
     if (ev->has & KL_F_FLOW_USAGE) {
         json_t *flows = json_array();
         for (uint32_t i = 0; i < ev->nflows; i++)

@@ -1020,7 +1020,10 @@ int kl_proj_rebuild(kl_proj **out, kl_log *log, const char *dir, const kl_logger
         rc = kl_proj_load(&p, (const uint8_t *)snap.data, snap.len, err);
         uint8_t head_hash[KL_HASH_LEN];
         kl_log_head_hash(log, head_hash);
-        if (rc == KL_OK && (kl_proj_seq(p) != seq ||
+        /* A snapshot from before the log begins is an older log's (one a
+         * compaction replaced), even if its hash is the one this log goes
+         * on from. */
+        if (rc == KL_OK && (kl_proj_seq(p) != seq || seq < kl_log_first_seq(log) ||
                             (seq == head && memcmp(head_hash, hash, KL_HASH_LEN) != 0))) {
             kl_err_set(err, "the snapshot of seq %llu is not of this log's history",
                        (unsigned long long)seq);

@@ -11,7 +11,8 @@ static const char USAGE[] =
     "  verify      --data DIR\n"
     "  replay      --data DIR [--from SEQ] [--until SEQ|TIME] [--type TYPE] [--org ID]\n"
     "  state       --data DIR --at TIME [--org ID]\n"
-    "  snapshot    --data DIR\n";
+    "  snapshot    --data DIR\n"
+    "  compact     --data DIR [--usage-retention-days N]\n";
 
 int main(int argc, char **argv)
 {
@@ -25,6 +26,7 @@ int main(int argc, char **argv)
         {"replay", kl_tool_replay},
         {"state", kl_tool_state},
         {"snapshot", kl_tool_snapshot},
+        {"compact", kl_tool_compact},
     };
     if (argc < 2) {
         fputs(USAGE, stderr);

@@ -15,6 +15,7 @@ int kl_tool_verify(int argc, char **argv);
 int kl_tool_replay(int argc, char **argv);
 int kl_tool_state(int argc, char **argv);
 int kl_tool_snapshot(int argc, char **argv);
+int kl_tool_compact(int argc, char **argv);
 
 /* What a kl_tool_walk callback returns to end the walk early, not as an
  * error. */

@@ -103,6 +103,11 @@ static kl_event full_event(kl_event_type t, uint32_t has)
     ev.ref = id_of(7);
     ev.author = KL_AUTHOR_ASSISTANT;
     ev.alert = KL_ALERT_ROTATION_DUE;
+    ev.compact.through_seq = UINT64_MAX - 1;
+    memset(ev.compact.through_hash, 0xa5, KL_HASH_LEN);
+    ev.compact.cutoff = 1768471200000;
+    ev.compact.folded = 1ull << 40;
+    ev.compact.totals = 7;
     for (int i = 1; i < KL_FAIL_REASONS; i++)
         ev.auth_counts[i] = (uint32_t)(i * 7);
     ev.cond = id_of(8);
@@ -258,6 +263,18 @@ static void assert_decoded(const kl_event *got, const kl_event *want,
     assert_int_equal(got->successes, h & KL_F_USAGE ? want->successes : 0);
     assert_int_equal(got->failures, h & KL_F_USAGE ? want->failures : 0);
     assert_int_equal(got->last_used, h & KL_F_USAGE ? want->last_used : 0);
+    if (h & KL_F_COMPACT) {
+        assert_true(got->compact.through_seq == want->compact.through_seq);
+        assert_memory_equal(got->compact.through_hash, want->compact.through_hash,
+                            KL_HASH_LEN);
+        assert_int_equal(got->compact.cutoff, want->compact.cutoff);
+        assert_true(got->compact.folded == want->compact.folded);
+        assert_int_equal(got->compact.totals, want->compact.totals);
+    } else {
+        assert_int_equal(got->compact.through_seq, 0);
+        assert_zero(got->compact.through_hash, KL_HASH_LEN);
+        assert_int_equal(got->compact.cutoff, 0);
+    }
 }
 
 /* Copies the payload to a heap block of its exact size and decodes it. */
@@ -367,6 +384,7 @@ static const spec catalogue[] = {
      KL_F_ID | KL_F_REF | KL_F_AUTHOR | KL_F_CONTENT | KL_F_IDEM},
     {KL_EV_SESSION_DELETED, "SessionDeleted", KL_CAT_RESOURCES, KL_F_ID,
      KL_F_ID | KL_F_IDEM},
+    {KL_EV_LOG_COMPACTED, "LogCompacted", KL_CAT_CONTROL, KL_F_COMPACT, KL_F_COMPACT},
 };
 enum { NCAT = sizeof catalogue / sizeof catalogue[0] };
 
