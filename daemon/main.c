@@ -205,6 +205,7 @@ int main(int argc, char **argv)
 {
     static kl_daemon daemon;    /* one per process; lives until exit */
     kl_daemon *d = &daemon;
+    kl_use_huge_pages(argv);
     kl_config_defaults(&d->cfg);
     int rc = parse_args(argc, argv, &d->cfg);
     if (rc != 0)

@@ -98,6 +98,7 @@ struct kl_log {
     size_t nsegs, cap_segs;
     uint64_t head_seq;          /* last framed record */
     uint8_t head_hash[KL_HASH_LEN];
+    uint8_t first_prev[KL_HASH_LEN];    /* the hash the log goes on from */
     bool failed;                /* an fsync failed: read-only until reopened */
 };
 
@@ -853,6 +854,7 @@ int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
         if (rc != KL_OK)
             goto cleanup;
     }
+    memcpy(log->first_prev, log->head_hash, KL_HASH_LEN);
     for (size_t i = 0; i < log->nsegs; i++) {
         rc = segment_scan(log, &log->segs[i], i + 1 == log->nsegs, &expect,
                           log->head_hash, rec, err);
@@ -913,6 +915,22 @@ int kl_log_create(const kl_log_config *cfg, kl_err *err)
     return kl_log_create_after(cfg, 0, zero, err);
 }
 
+/* Whether dir holds a MANIFEST or any segment (a log whose MANIFEST was
+ * lost is still a log). */
+static bool holds_a_log(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return false;
+    bool found = false;
+    struct dirent *e;
+    uint64_t s;
+    while (!found && (e = readdir(d)) != NULL)
+        found = strcmp(e->d_name, "MANIFEST") == 0 || parse_segment_name(e->d_name, &s);
+    closedir(d);
+    return found;
+}
+
 int kl_log_create_after(const kl_log_config *cfg, uint64_t seq,
                         const uint8_t hash[KL_HASH_LEN], kl_err *err)
 {
@@ -920,19 +938,7 @@ int kl_log_create_after(const kl_log_config *cfg, uint64_t seq,
         kl_err_set(err, "create data dir %s: %s", cfg->dir, strerror(errno));
         return KL_EIO;
     }
-    char *path = path_join(cfg->dir, "MANIFEST");
-    if (path == NULL)
-        return KL_ENOMEM;
-    bool exists = access(path, F_OK) == 0;
-    free(path);
-    char seg[32];
-    segment_name(seq + 1, seg);
-    path = path_join(cfg->dir, seg);
-    if (path == NULL)
-        return KL_ENOMEM;
-    exists = exists || access(path, F_OK) == 0;
-    free(path);
-    if (exists) {
+    if (holds_a_log(cfg->dir)) {
         kl_err_set(err, "%s already holds a keyledger log", cfg->dir);
         return KL_EEXIST;
     }
@@ -1196,11 +1202,22 @@ int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_
     return write_file_atomic(dir, name, h, sizeof h, payload, len, err);
 }
 
-int kl_snapshot_read(const char *dir, uint64_t seq, kl_buf *payload,
+void kl_snapshot_release(kl_snapshot_data *s)
+{
+    if (s->map != NULL)
+        munmap(s->map, s->map_len);
+    memset(s, 0, sizeof *s);
+}
+
+/* The payload is mapped, not read: a snapshot of a million keys is a few
+ * hundred MiB that the loader reads once, front to back, and the page cache
+ * already holds; copying it into fresh memory cost more than loading it. */
+int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err)
 {
     char name[48];
     snapshot_name(seq, name);
+    memset(out, 0, sizeof *out);
     char *path = path_join(dir, name);
     if (path == NULL)
         return KL_ENOMEM;
@@ -1225,25 +1242,20 @@ int kl_snapshot_read(const char *dir, uint64_t seq, kl_buf *payload,
         kl_err_set(err, "%s: header does not fit the file", name);
         goto cleanup;
     }
-    payload->len = 0;
-    if (kl_buf_reserve(payload, (size_t)len) != KL_OK) {
-        rc = KL_ENOMEM;
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED) {
+        kl_err_set(err, "map %s: %s", name, strerror(errno));
+        rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
         goto cleanup;
     }
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(fd, payload->data + got, (size_t)len - got,
-                          (off_t)(SNAP_HEADER + got));
-        if (n <= 0) {
-            kl_err_set(err, "read %s: %s", name, n < 0 ? strerror(errno) : "short");
-            rc = KL_EIO;
-            goto cleanup;
-        }
-        got += (size_t)n;
-    }
-    payload->len = (size_t)len;
-    if (kl_crc32c(0, payload->data, payload->len) != get_u32(h + 64)) {
+    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL | MADV_WILLNEED);
+    out->map = map;
+    out->map_len = (size_t)st.st_size;
+    out->data = (const uint8_t *)map + SNAP_HEADER;
+    out->len = (size_t)len;
+    if (kl_crc32c(0, out->data, out->len) != get_u32(h + 64)) {
         kl_err_set(err, "%s: payload checksum does not match", name);
+        kl_snapshot_release(out);
         goto cleanup;
     }
     memcpy(hash, h + 24, KL_HASH_LEN);
@@ -1289,7 +1301,7 @@ int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
     return KL_OK;
 }
 
-int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_buf *payload,
+int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
                             uint64_t *seq, uint8_t hash[KL_HASH_LEN],
                             const kl_logger *lg, kl_err *err)
 {
@@ -1348,9 +1360,11 @@ int kl_log_verify(const char *dir, kl_log_record_fn check, void *arg,
     int rc = kl_log_open(&log, &cfg, &rec, err);
     if (rc == KL_OK) {
         verify_walk w = {rep, check, arg};
+        /* An empty log's head is where it begins (after a compaction,
+         * the old head it goes on from). */
+        rep->head_seq = kl_log_first_seq(log) - 1;
+        memcpy(rep->head_hash, log->first_prev, KL_HASH_LEN);
         rc = kl_log_replay(log, 0, true, verify_record, &w, err);
-        if (rc == KL_OK && rep->head_seq == 0)
-            kl_log_head_hash(log, rep->head_hash);
         rep->torn_bytes = rec.torn_bytes;
         kl_log_close(log);
     }

@@ -75,6 +75,10 @@ int kl_buf_printf(kl_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void kl_buf_free(kl_buf *b);
 
+/* At the top of main: re-executes the program once with glibc's heaps on
+ * transparent huge pages (log/util.c says why); returns if it cannot. */
+void kl_use_huge_pages(char **argv);
+
 /* ---- ids and time ----------------------------------------------------- */
 
 /* A 128-bit time-ordered id (48-bit ms timestamp, 80 random bits), shown as
@@ -518,17 +522,26 @@ int kl_log_compact_finish(const char *data, const kl_logger *lg, kl_err *err);
  * is `hash` (atomically: temp, fsync, rename, fsync the dir). */
 int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN],
                       const void *payload, size_t len, kl_err *err);
+/* A snapshot's payload, mapped read-only from its file. */
+typedef struct kl_snapshot_data {
+    const uint8_t *data;
+    size_t len;
+    void *map;                  /* the mapping (private) */
+    size_t map_len;
+} kl_snapshot_data;
 /* Reads snapshot `seq`, checking its header and payload checksums
- * (KL_ECORRUPT when it is not whole). */
-int kl_snapshot_read(const char *dir, uint64_t seq, kl_buf *payload,
+ * (KL_ECORRUPT when it is not whole). Release what it gave with
+ * kl_snapshot_release (a zeroed kl_snapshot_data is fine to release). */
+int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err);
+void kl_snapshot_release(kl_snapshot_data *s);
 /* The seqs of the snapshot files in dir (at most max), ascending. */
 int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
                      kl_err *err);
 /* The newest whole snapshot (header and payload checksums) of a record at or
  * before max_seq: its payload, seq and chain hash. Damaged ones are skipped
  * (and logged); KL_ENOENT when there is none. */
-int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_buf *payload,
+int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
                             uint64_t *seq, uint8_t hash[KL_HASH_LEN],
                             const kl_logger *lg, kl_err *err);
 

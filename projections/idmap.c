@@ -46,9 +46,8 @@ void kl_idmap_free(kl_idmap *m)
     memset(m, 0, sizeof *m);
 }
 
-static int grow(kl_idmap *m)
+static int resize(kl_idmap *m, uint32_t cap)
 {
-    uint32_t cap = m->cap ? m->cap * 2 : 64;
     void **slots = calloc(cap, sizeof *slots);
     if (slots == NULL)
         return KL_ENOMEM;
@@ -66,33 +65,52 @@ static int grow(kl_idmap *m)
     return KL_OK;
 }
 
-void *kl_idmap_get(const kl_idmap *m, const kl_id *id)
+static bool full(uint64_t len, uint64_t cap)
 {
-    if (m->cap == 0)
-        return NULL;
-    uint32_t j = (uint32_t)id_hash(id) & (m->cap - 1);
-    while (m->slots[j] != NULL) {
-        if (id_same(m->slots[j], id))
-            return m->slots[j];
-        j = (j + 1) & (m->cap - 1);
-    }
-    return NULL;
+    return len * 10 > cap * 7;
 }
 
-int kl_idmap_put(kl_idmap *m, void *entity)
+int kl_idmap_reserve(kl_idmap *m, uint32_t n)
 {
-    if ((uint64_t)(m->len + 1) * 10 > (uint64_t)m->cap * 7 && grow(m) != KL_OK)
+    uint64_t cap = m->cap ? m->cap : 64;
+    while (full(n, cap))
+        cap *= 2;
+    if (cap > UINT32_C(1) << 31)
         return KL_ENOMEM;
-    const kl_id *id = entity;
+    return cap > m->cap ? resize(m, (uint32_t)cap) : KL_OK;
+}
+
+static uint32_t find(const kl_idmap *m, const kl_id *id);
+
+void *kl_idmap_get(const kl_idmap *m, const kl_id *id)
+{
+    return m->cap == 0 ? NULL : m->slots[find(m, id)];
+}
+
+/* Where id is, or the empty slot it would go to. */
+static uint32_t find(const kl_idmap *m, const kl_id *id)
+{
     uint32_t j = (uint32_t)id_hash(id) & (m->cap - 1);
-    while (m->slots[j] != NULL) {
-        if (id_same(m->slots[j], id)) {
-            m->slots[j] = entity;
-            return KL_OK;
-        }
+    while (m->slots[j] != NULL && !id_same(m->slots[j], id))
         j = (j + 1) & (m->cap - 1);
+    return j;
+}
+
+static int insert(kl_idmap *m, void *entity, bool replace)
+{
+    if (full((uint64_t)m->len + 1, m->cap) &&
+        resize(m, m->cap ? m->cap * 2 : 64) != KL_OK)
+        return KL_ENOMEM;
+    uint32_t j = find(m, entity);
+    if (m->slots[j] != NULL) {
+        if (!replace)
+            return KL_EEXIST;
+    } else {
+        m->len++;
     }
     m->slots[j] = entity;
-    m->len++;
     return KL_OK;
 }
+
+int kl_idmap_put(kl_idmap *m, void *entity) { return insert(m, entity, true); }
+int kl_idmap_add(kl_idmap *m, void *entity) { return insert(m, entity, false); }

@@ -12,7 +12,9 @@ typedef struct kl_idmap {
 } kl_idmap;
 
 void *kl_idmap_get(const kl_idmap *m, const kl_id *id);
-int kl_idmap_put(kl_idmap *m, void *entity);
+int kl_idmap_put(kl_idmap *m, void *entity);     /* adds or replaces */
+int kl_idmap_add(kl_idmap *m, void *entity);     /* KL_EEXIST if its id is in */
+int kl_idmap_reserve(kl_idmap *m, uint32_t n);   /* room for n without growing */
 void kl_idmap_free(kl_idmap *m);
 
 struct kl_proj {

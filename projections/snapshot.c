@@ -523,15 +523,12 @@ static void push_ordered(loader *l, kl_vec *v, void *item)
  * the state's from here on (freed with it). */
 static bool put(loader *l, kl_idmap *m, void *entity)
 {
-    if (kl_idmap_get(m, (const kl_id *)entity) != NULL) {
+    int rc = kl_idmap_add(m, entity);
+    if (rc == KL_EEXIST)
         l->r.bad = true;
-        return false;
-    }
-    if (kl_idmap_put(m, entity) != KL_OK) {
-        l->rc = KL_ENOMEM;
-        return false;
-    }
-    return true;
+    else if (rc != KL_OK)
+        l->rc = rc;
+    return rc == KL_OK;
 }
 
 static kl_org *org_of(loader *l, const kl_id *id)
@@ -959,6 +956,14 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
         {load_computer, "computers"}, {load_session, "sessions"},
         {load_message, "messages"}, {load_alert, "alerts"},
         {load_idem, "idempotency records"}};
+    /* Size the indexes once from the counts (an entity takes more than 16
+     * bytes, so a header that lies cannot ask for more than the file). */
+    kl_idmap *maps[9] = {&l.p->org_by_id, &l.p->user_by_id, &l.p->sa_by_id,
+                         &l.p->key_by_id, &l.p->computer_by_id, &l.p->session_by_id,
+                         &l.p->message_by_id, &l.p->alert_by_id, &l.p->idem_by_slot};
+    for (int k = 0; k < 9; k++)
+        if (n[k] <= len / 16 && n[k] <= UINT32_MAX)
+            kl_idmap_reserve(maps[k], (uint32_t)n[k]);  /* else: grown as loaded */
     for (int k = 0; k < 9 && !bad(&l); k++) {
         l.what = KINDS[k].what;
         for (uint64_t i = 0; i < n[k] && !bad(&l); i++)
@@ -1013,11 +1018,11 @@ int kl_proj_rebuild(kl_proj **out, kl_log *log, const char *dir, const kl_logger
     *from = 0;
     uint64_t head = kl_log_head_seq(log), seq = 0;
     uint8_t hash[KL_HASH_LEN];
-    kl_buf snap = {0};
+    kl_snapshot_data snap = {0};
     kl_proj *p = NULL;
     int rc = kl_snapshot_read_newest(dir, head, &snap, &seq, hash, lg, err);
     if (rc == KL_OK) {
-        rc = kl_proj_load(&p, (const uint8_t *)snap.data, snap.len, err);
+        rc = kl_proj_load(&p, snap.data, snap.len, err);
         uint8_t head_hash[KL_HASH_LEN];
         kl_log_head_hash(log, head_hash);
         /* A snapshot from before the log begins is an older log's (one a
@@ -1030,7 +1035,7 @@ int kl_proj_rebuild(kl_proj **out, kl_log *log, const char *dir, const kl_logger
             rc = KL_ECORRUPT;
         }
     }
-    kl_buf_free(&snap);
+    kl_snapshot_release(&snap);
     if (rc == KL_ENOMEM)
         return rc;
     if (rc != KL_OK && rc != KL_ENOENT)

@@ -28,6 +28,7 @@ int main(int argc, char **argv)
         {"snapshot", kl_tool_snapshot},
         {"compact", kl_tool_compact},
     };
+    kl_use_huge_pages(argv);
     if (argc < 2) {
         fputs(USAGE, stderr);
         return 2;

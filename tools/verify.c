@@ -28,7 +28,8 @@ typedef struct fold {
  * byte: an edited snapshot, or one of another log, is caught here. */
 static int check_snapshot(fold *f, uint64_t seq, const uint8_t *hash)
 {
-    kl_buf file = {0}, mine = {0};
+    kl_snapshot_data file = {0};
+    kl_buf mine = {0};
     uint8_t file_hash[KL_HASH_LEN];
     int rc = kl_snapshot_read(f->dir, seq, &file, file_hash, &f->err);
     if (rc == KL_OK && kl_proj_snapshot(f->proj, &mine) != KL_OK)
@@ -40,7 +41,7 @@ static int check_snapshot(fold *f, uint64_t seq, const uint8_t *hash)
                    (unsigned long long)seq);
         rc = KL_ECORRUPT;
     }
-    kl_buf_free(&file);
+    kl_snapshot_release(&file);
     kl_buf_free(&mine);
     return rc;
 }

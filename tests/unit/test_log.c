@@ -1,6 +1,7 @@
 /*
  * tests/unit/test_log.c — the file log: framing, replay, the hash chain,
- * segment rolls, and what opening does with every kind of damage.
+ * segment rolls, what opening does with every kind of damage, and the switch
+ * to a compacted log (a log that goes on from an old head).
  *
  * Each test gets a fresh data dir (mkdtemp) holding a newly created log and
  * removes it at the end. Record bodies are a deterministic function of their
@@ -1490,6 +1491,886 @@ static void test_reader_detects_damage(void **state)
     free(si);
 }
 
+/* ---- compaction: a log that goes on from a head, and the switch ---------- */
+
+/* A data dir of its own inside the test's dir (removed with it); with
+ * `create`, holding a new empty log. */
+static void sub_fx(const fx *f, const char *name, fx *sub, bool create)
+{
+    *sub = *f;
+    int n = snprintf(sub->dir, sizeof sub->dir, "%s/%s", f->dir, name);
+    assert_true(n > 0 && (size_t)n < sizeof sub->dir);
+    sub->cfg.dir = sub->dir;
+    if (create) {
+        kl_err err = {0};
+        int rc = kl_log_create(&sub->cfg, &err);
+        if (rc != KL_OK)
+            fail_msg("kl_log_create(%s): %d %s", sub->dir, rc, err.msg);
+    }
+}
+
+static void snap_name(uint64_t seq, char out[48])
+{
+    snprintf(out, 48, "snapshot-%020llu.kls", (unsigned long long)seq);
+}
+
+static size_t snap_payload(uint64_t seq, char out[64])
+{
+    return (size_t)snprintf(out, 64, "the state at %llu", (unsigned long long)seq);
+}
+
+static void snapshot_ok(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN])
+{
+    char payload[64];
+    size_t n = snap_payload(seq, payload);
+    kl_err err = {0};
+    int rc = kl_snapshot_write(dir, seq, hash, payload, n, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_snapshot_write(%s, %llu): %d %s", dir, (unsigned long long)seq,
+                 rc, err.msg);
+}
+
+/* The dir holds exactly one snapshot, of `seq`, whole and with its hash. */
+static void snapshot_expect(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN])
+{
+    uint64_t seqs[8];
+    size_t n = 0;
+    kl_err err = {0};
+    assert_int_equal(kl_snapshot_list(dir, seqs, 8, &n, &err), KL_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(seqs[0], seq);
+    kl_snapshot_data sd = {0};
+    uint8_t h[KL_HASH_LEN];
+    int rc = kl_snapshot_read(dir, seq, &sd, h, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_snapshot_read: %d %s", rc, err.msg);
+    char payload[64];
+    size_t pl = snap_payload(seq, payload);
+    assert_int_equal(sd.len, pl);
+    assert_memory_equal(sd.data, payload, pl);
+    assert_memory_equal(h, hash, KL_HASH_LEN);
+    kl_snapshot_release(&sd);
+}
+
+enum { NAME_LEN = 64, MAX_NAMES = 256, LISTING = MAX_NAMES * NAME_LEN };
+
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* The names, sorted, one space between: what a listing is compared as. */
+static void names_join(char (*v)[NAME_LEN], size_t n, char *out)
+{
+    qsort(v, n, sizeof *v, cmp_name);
+    out[0] = '\0';
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++) {
+        int w = snprintf(out + len, LISTING - len, "%s%s", i ? " " : "", v[i]);
+        assert_true(w > 0 && (size_t)w < LISTING - len);
+        len += (size_t)w;
+    }
+}
+
+/* Every entry of dir but . and .. (into out, LISTING bytes). */
+static void dir_listing(const char *dir, char *out)
+{
+    char (*v)[NAME_LEN] = calloc(MAX_NAMES, NAME_LEN);
+    assert_non_null(v);
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        fail_msg("opendir %s: %s", dir, strerror(errno));
+    size_t n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        assert_true(n < MAX_NAMES);
+        size_t len = strlen(de->d_name);
+        assert_true(len < NAME_LEN);
+        memcpy(v[n++], de->d_name, len + 1);
+    }
+    closedir(d);
+    names_join(v, n, out);
+    free(v);
+}
+
+static void expect_listing(const char *dir, const char *want)
+{
+    char *got = malloc(LISTING);
+    assert_non_null(got);
+    dir_listing(dir, got);
+    assert_string_equal(got, want);
+    free(got);
+}
+
+static bool exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+static void manifest_expect(const fx *f, uint64_t first, uint64_t last)
+{
+    char path[600], want[200], a[32], b[32];
+    path_of(f, "MANIFEST", path);
+    size_t n;
+    char *m = (char *)read_all(path, &n);
+    m[n] = '\0';
+    seg_name(first, a);
+    seg_name(last, b);
+    snprintf(want, sizeof want, "keyledger-manifest 1\nfirst %s\nlast %s\n", a, b);
+    assert_string_equal(m, want);
+    free(m);
+}
+
+/* Replays (from 0 or `after` + 1) a log that goes on from record `after`
+ * whose hash is after_hash: seqs from after + 1, the first record's prev
+ * after_hash, the chain unbroken to the log's head. */
+static void replay_after(kl_log *log, uint64_t after,
+                         const uint8_t after_hash[KL_HASH_LEN], uint64_t from,
+                         bool hashes, uint64_t expect_n)
+{
+    seen s = {.next = after + 1, .hashes = hashes, .have_last = true};
+    memcpy(s.last_hash, after_hash, KL_HASH_LEN);
+    kl_err err = {0};
+    int rc = kl_log_replay(log, from, hashes, on_record, &s, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_replay: %d %s", rc, err.msg);
+    assert_int_equal(s.count, expect_n);
+    assert_int_equal(s.next - 1, kl_log_head_seq(log));
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    assert_memory_equal(head, s.last_hash, KL_HASH_LEN);
+}
+
+static void verify_head(const char *dir, uint64_t events, uint64_t head_seq,
+                        const uint8_t head_hash[KL_HASH_LEN])
+{
+    kl_log_verify_report rep;
+    kl_err err = {0};
+    int rc = kl_log_verify(dir, NULL, NULL, &rep, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_verify(%s): %d %s", dir, rc, err.msg);
+    assert_true(rep.ok);
+    assert_int_equal(rep.events, events);
+    assert_int_equal(rep.head_seq, head_seq);
+    assert_memory_equal(rep.head_hash, head_hash, KL_HASH_LEN);
+    assert_int_equal(rep.torn_bytes, 0);
+}
+
+static void hash_of_text(const char *s, uint8_t out[KL_HASH_LEN])
+{
+    SHA256((const uint8_t *)s, strlen(s), out);
+}
+
+/* A log made with kl_log_create_after(after, after_hash) in `dir`, then
+ * given n records in segments of seg_bytes and a snapshot at its head. */
+typedef struct newlog {
+    uint64_t after;
+    uint8_t after_hash[KL_HASH_LEN];
+    uint64_t head;
+    uint8_t head_hash[KL_HASH_LEN];
+    uint64_t segs[64];
+    size_t nseg;
+} newlog;
+
+/* The old log: n records in f's dir in segments of f->cfg.segment_bytes and a
+ * snapshot at its head. It is left open: the compaction tool holds the lock
+ * from before it prepares until after it commits. */
+static kl_log *make_old(fx *f, uint64_t n, uint64_t *head, uint8_t hash[KL_HASH_LEN])
+{
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, n, 4);
+    *head = kl_log_head_seq(log);
+    kl_log_head_hash(log, hash);
+    snapshot_ok(f->dir, *head, hash);
+    return log;
+}
+
+/* The stage kl_log_compact_prepare gives: DIR/compact.tmp, empty. */
+static char *prepare_ok(const fx *f)
+{
+    kl_err err = {0};
+    char *stage = kl_log_compact_prepare(f->dir, &err);
+    if (stage == NULL)
+        fail_msg("kl_log_compact_prepare: %s", err.msg);
+    char want[600];
+    path_of(f, "compact.tmp", want);
+    assert_string_equal(stage, want);
+    struct stat st;
+    assert_int_equal(stat(stage, &st), 0);
+    assert_true(S_ISDIR(st.st_mode));
+    expect_listing(stage, "");
+    return stage;
+}
+
+static void build_new(const fx *f, const char *stage, kl_log *old, uint64_t n,
+                      uint64_t seg_bytes, newlog *nl)
+{
+    memset(nl, 0, sizeof *nl);
+    nl->after = kl_log_head_seq(old);
+    kl_log_head_hash(old, nl->after_hash);
+    fx s = *f;
+    snprintf(s.dir, sizeof s.dir, "%s", stage);
+    s.cfg.dir = s.dir;
+    s.cfg.segment_bytes = seg_bytes;
+    kl_err err = {0};
+    int rc = kl_log_create_after(&s.cfg, nl->after, nl->after_hash, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_create_after: %d %s", rc, err.msg);
+    kl_log_recovery rec;
+    kl_log *log = open_ok(&s, &rec);
+    assert_int_equal(kl_log_head_seq(log), nl->after);
+    assert_int_equal(kl_log_first_seq(log), nl->after + 1);
+    append_records(log, n, 4);
+    nl->head = kl_log_head_seq(log);
+    assert_int_equal(nl->head, nl->after + n);
+    kl_log_head_hash(log, nl->head_hash);
+    kl_log_close(log);
+    snapshot_ok(stage, nl->head, nl->head_hash);
+    nl->nseg = list_segments(&s, nl->segs, 64);
+    assert_true(nl->nseg >= 1);
+    assert_int_equal(nl->segs[0], nl->after + 1);
+}
+
+/* What a finished switch leaves: the new segments, the new snapshot, the
+ * MANIFEST naming them and LOCK; no old file, nothing of compact.*. */
+static void expect_switched(const fx *f, const newlog *nl)
+{
+    char (*v)[NAME_LEN] = calloc(MAX_NAMES, NAME_LEN);
+    char *want = malloc(LISTING);
+    assert_non_null(v);
+    assert_non_null(want);
+    size_t n = 0;
+    for (size_t i = 0; i < nl->nseg; i++) {
+        char name[32];
+        seg_name(nl->segs[i], name);
+        snprintf(v[n++], NAME_LEN, "%s", name);
+    }
+    snprintf(v[n++], NAME_LEN, "LOCK");
+    snprintf(v[n++], NAME_LEN, "MANIFEST");
+    snap_name(nl->head, v[n++]);
+    names_join(v, n, want);
+    expect_listing(f->dir, want);
+    free(v);
+    free(want);
+    manifest_expect(f, nl->after + 1, nl->segs[nl->nseg - 1]);
+    snapshot_expect(f->dir, nl->head, nl->head_hash);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(f, nl->after + 1, si);
+    assert_memory_equal(si->carried, nl->after_hash, KL_HASH_LEN);
+    seg_free(si);
+    free(si);
+}
+
+/* The dir opens (as writer, then read-only) as the new log, and verifies. */
+static void expect_new_log(fx *f, const newlog *nl)
+{
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    assert_int_equal(rec.records, nl->head - nl->after);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(kl_log_first_seq(log), nl->after + 1);
+    assert_int_equal(kl_log_head_seq(log), nl->head);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, nl->head_hash, KL_HASH_LEN);
+    replay_after(log, nl->after, nl->after_hash, 0, true, nl->head - nl->after);
+    kl_log_close(log);
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_err err = {0};
+    int rc = kl_log_open(&log, &ro, &rec, &err);
+    if (rc != KL_OK)
+        fail_msg("read-only kl_log_open: %d %s", rc, err.msg);
+    assert_int_equal(kl_log_first_seq(log), nl->after + 1);
+    assert_int_equal(kl_log_head_seq(log), nl->head);
+    replay_after(log, nl->after, nl->after_hash, nl->after + 1, false,
+                 nl->head - nl->after);
+    kl_log_close(log);
+    verify_head(f->dir, nl->head - nl->after, nl->head, nl->head_hash);
+}
+
+static void test_create_after(void **state)
+{
+    fx *f = *state;
+    fx s;
+    sub_fx(f, "after", &s, false);
+    enum { N = 1000 };
+    uint8_t H[KL_HASH_LEN], zero[KL_HASH_LEN] = {0};
+    hash_of_text("the head a compaction goes on from", H);
+    kl_err err = {0};
+    assert_int_equal(kl_log_create_after(&s.cfg, N, H, &err), KL_OK);
+    expect_listing(s.dir, "00000000000000001001.log MANIFEST");
+    manifest_expect(&s, N + 1, N + 1);
+    seg_info *si = malloc(sizeof *si);
+    assert_non_null(si);
+    seg_read(&s, N + 1, si);
+    assert_int_equal(si->size, HEADER);
+    assert_memory_equal(si->carried, H, KL_HASH_LEN);
+    seg_free(si);
+
+    /* Before any record: the head is the one it goes on from. */
+    kl_log_recovery rec;
+    kl_log *log = open_ok(&s, &rec);
+    assert_int_equal(rec.records, 0);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(kl_log_first_seq(log), N + 1);
+    assert_int_equal(kl_log_head_seq(log), N);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, H, KL_HASH_LEN);
+    kl_log_mark m;
+    kl_log_mark_get(log, &m);
+    assert_int_equal(m.seq, N);
+    assert_memory_equal(m.hash, H, KL_HASH_LEN);
+    replay_after(log, N, H, 0, true, 0);
+    kl_log_verify_report rep;
+    assert_int_equal(kl_log_verify(s.dir, NULL, NULL, &rep, &err), KL_OK);
+    assert_true(rep.ok);
+    assert_int_equal(rep.events, 0);
+    assert_int_equal(rep.head_seq, N);
+    assert_memory_equal(rep.head_hash, H, KL_HASH_LEN);
+
+    /* Not over a log, while it is open or after. */
+    assert_int_equal(kl_log_create_after(&s.cfg, N, H, &err), KL_EEXIST);
+    assert_int_equal(kl_log_create(&s.cfg, &err), KL_EEXIST);
+
+    /* Records go on from N + 1, the first one chained to H. */
+    append_records(log, 1, 1);
+    append_records(log, 9, 3);
+    assert_int_equal(kl_log_head_seq(log), N + 10);
+    assert_int_equal(kl_log_first_seq(log), N + 1);
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    assert_memory_not_equal(head, H, KL_HASH_LEN);
+    replay_after(log, N, H, 0, true, 10);
+    replay_after(log, N, H, 1, false, 10);
+    replay_after(log, N, H, N + 1, true, 10);
+    seen tail = {.next = N + 4, .hashes = true};
+    assert_int_equal(kl_log_replay(log, N + 4, true, on_record, &tail, &err), KL_OK);
+    assert_int_equal(tail.count, 7);
+    assert_memory_equal(tail.last_hash, head, KL_HASH_LEN);
+    seen none = {.next = N + 11};
+    assert_int_equal(kl_log_replay(log, N + 11, false, on_record, &none, &err), KL_OK);
+    assert_int_equal(none.count, 0);
+    kl_log_close(log);
+
+    seg_read(&s, N + 1, si);
+    assert_int_equal(si->nrec, 10);
+    assert_int_equal(si->recs[0].seq, N + 1);
+    assert_int_equal(si->recs[0].off, HEADER);
+    assert_memory_equal(si->bytes + HEADER + 8 + 12, H, KL_HASH_LEN);
+    assert_memory_not_equal(si->bytes + HEADER + 8 + 12, zero, KL_HASH_LEN);
+    seg_free(si);
+    free(si);
+    verify_head(s.dir, 10, N + 10, head);
+
+    /* The same after a reopen. */
+    log = open_ok(&s, &rec);
+    assert_int_equal(rec.records, 10);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(kl_log_first_seq(log), N + 1);
+    assert_int_equal(kl_log_head_seq(log), N + 10);
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, head, KL_HASH_LEN);
+    replay_after(log, N, H, 0, true, 10);
+    append_records(log, 2, 2);
+    kl_log_head_hash(log, head);
+    kl_log_close(log);
+    verify_head(s.dir, 12, N + 12, head);
+    kl_log_config ro = s.cfg;
+    ro.read_only = true;
+    assert_int_equal(kl_log_open(&log, &ro, &rec, &err), KL_OK);
+    assert_int_equal(kl_log_first_seq(log), N + 1);
+    assert_int_equal(kl_log_head_seq(log), N + 12);
+    replay_after(log, N, H, 0, true, 12);
+    kl_log_close(log);
+
+    /* The reader finds records from N + 1 and nothing before. */
+    kl_log_reader *r = NULL;
+    assert_int_equal(kl_log_reader_open(s.dir, &r, &err), KL_OK);
+    kl_buf b = {0};
+    assert_int_equal(kl_log_reader_get(r, N + 1, &b, h, &err), KL_OK);
+    assert_int_equal(be64((const uint8_t *)b.data + 2), N + 1);
+    assert_memory_equal(b.data + 12, H, KL_HASH_LEN);
+    assert_int_equal(kl_log_reader_get(r, N + 12, &b, h, &err), KL_OK);
+    assert_memory_equal(h, head, KL_HASH_LEN);
+    assert_int_equal(kl_log_reader_get(r, N, &b, NULL, &err), KL_ENOENT);
+    assert_int_equal(kl_log_reader_get(r, 1, &b, NULL, &err), KL_ENOENT);
+    assert_int_equal(kl_log_reader_get(r, N + 13, &b, NULL, &err), KL_ENOENT);
+    kl_buf_free(&b);
+    kl_log_reader_close(r);
+
+    /* Never over an existing log: the fixture's (seq 0), or this one with
+     * another seq. */
+    assert_int_equal(kl_log_create_after(&f->cfg, N, H, &err), KL_EEXIST);
+    assert_int_equal(kl_log_create_after(&s.cfg, 5, zero, &err), KL_EEXIST);
+    assert_int_equal(kl_log_create_after(&s.cfg, N + 12, head, &err), KL_EEXIST);
+    log = open_ok(&s, &rec);
+    assert_int_equal(kl_log_head_seq(log), N + 12);
+    kl_log_close(log);
+
+    /* Its segments are a log even when the MANIFEST is lost. */
+    char manifest[600];
+    path_of(&s, "MANIFEST", manifest);
+    assert_int_equal(unlink(manifest), 0);
+    assert_int_equal(kl_log_create(&s.cfg, &err), KL_EEXIST);
+    assert_int_equal(kl_log_create_after(&s.cfg, 5, zero, &err), KL_EEXIST);
+}
+
+/* The compaction tool's steps, none interrupted. */
+static void test_compact_switch(void **state)
+{
+    fx *f = *state;
+    uint64_t old_head;
+    uint8_t old_hash[KL_HASH_LEN];
+    kl_log *old = make_old(f, 40, &old_head, old_hash);
+    assert_int_equal(old_head, 40);
+    char *stage = prepare_ok(f);
+    newlog nl;
+    build_new(f, stage, old, 7, 64u << 20, &nl);
+    assert_int_equal(nl.after, 40);
+    assert_int_equal(nl.nseg, 1);
+    /* Built, not committed: the old log is still the log. */
+    expect_listing(f->dir, "00000000000000000001.log LOCK MANIFEST compact.tmp "
+                           "snapshot-00000000000000000040.kls");
+    kl_err err = {0};
+    int rc = kl_log_compact_commit(f->dir, NULL, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_compact_commit: %d %s", rc, err.msg);
+    /* Done before the old log is closed. */
+    expect_switched(f, &nl);
+    char path[600];
+    path_of(f, "compact.tmp", path);
+    assert_false(exists(path));
+    path_of(f, "compact.ready", path);
+    assert_false(exists(path));
+    kl_log_close(old);
+    free(stage);
+    expect_switched(f, &nl);
+    expect_new_log(f, &nl);
+
+    /* The new log takes writes on from its head. */
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 3, 3);
+    assert_int_equal(kl_log_head_seq(log), 50);
+    replay_after(log, 40, old_hash, 0, true, 10);
+    kl_log_close(log);
+    /* Finishing when there is nothing to finish changes nothing. */
+    assert_int_equal(kl_log_compact_finish(f->dir, NULL, &err), KL_OK);
+    manifest_expect(f, 41, 41);
+    log = open_ok(f, &rec);
+    assert_int_equal(kl_log_head_seq(log), 50);
+    kl_log_close(log);
+}
+
+/* The switch stopped by a crash after the commit, at each point the finish
+ * can be at; finished by the next writer's open (or by calling
+ * kl_log_compact_finish again). */
+typedef enum {
+    STOP_NOTHING_MOVED, STOP_MANIFEST_MOVED, STOP_SOME_SEGMENTS_MOVED,
+    STOP_ALL_MOVED, STOP_SOME_OLD_DELETED, STOP_ONLY_LOCK_LEFT, STOP_COUNT
+} stop_point;
+
+static void move_in(const char *ready, const char *data, const char *name)
+{
+    char a[700], b[700];
+    snprintf(a, sizeof a, "%s/%s", ready, name);
+    snprintf(b, sizeof b, "%s/%s", data, name);
+    if (rename(a, b) != 0)
+        fail_msg("rename %s %s: %s", a, b, strerror(errno));
+}
+
+static void delete_in(const char *dir, const char *name)
+{
+    char p[700];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    if (unlink(p) != 0)
+        fail_msg("unlink %s: %s", p, strerror(errno));
+}
+
+static void expect_refused_half_switched(const fx *f)
+{
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_log *log = NULL;
+    kl_log_recovery rec;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&log, &ro, &rec, &err), KL_EINVAL);
+    assert_null(log);
+    assert_non_null(strstr(err.msg, "committed but not finished"));
+    kl_log_verify_report rep;
+    assert_int_equal(kl_log_verify(f->dir, NULL, NULL, &rep, &err), KL_EINVAL);
+    assert_false(rep.ok);
+    assert_non_null(strstr(rep.problem, "committed but not finished"));
+}
+
+static void run_interrupted(fx *f, stop_point stop, bool by_finish)
+{
+    char name[64];
+    snprintf(name, sizeof name, "stop-%d-%s", (int)stop, by_finish ? "finish" : "open");
+    fx s;
+    sub_fx(f, name, &s, true);
+    s.cfg.segment_bytes = 4096;
+    uint64_t old_head;
+    uint8_t old_hash[KL_HASH_LEN];
+    kl_log *old = make_old(&s, 100, &old_head, old_hash);
+    uint64_t old_segs[64];
+    size_t nold = list_segments(&s, old_segs, 64);
+    assert_true(nold >= 3);
+    char *stage = prepare_ok(&s);
+    newlog nl;
+    build_new(&s, stage, old, 90, 4096, &nl);
+    assert_true(nl.nseg >= 3);
+
+    /* The commit by hand: the rename, and nothing after it. */
+    char ready[600];
+    path_of(&s, "compact.ready", ready);
+    assert_int_equal(rename(stage, ready), 0);
+    free(stage);
+    char seg[32], snap[48];
+    if (stop >= STOP_MANIFEST_MOVED)
+        move_in(ready, s.dir, "MANIFEST");
+    if (stop == STOP_SOME_SEGMENTS_MOVED) {
+        for (size_t i = 0; i < (nl.nseg + 1) / 2; i++) {
+            seg_name(nl.segs[i], seg);
+            move_in(ready, s.dir, seg);
+        }
+    }
+    if (stop >= STOP_ALL_MOVED) {
+        for (size_t i = 0; i < nl.nseg; i++) {
+            seg_name(nl.segs[i], seg);
+            move_in(ready, s.dir, seg);
+        }
+        snap_name(nl.head, snap);
+        move_in(ready, s.dir, snap);
+    }
+    if (stop == STOP_SOME_OLD_DELETED) {
+        for (size_t i = 0; i < nold; i += 2) {
+            seg_name(old_segs[i], seg);
+            delete_in(s.dir, seg);
+        }
+    }
+    if (stop == STOP_ONLY_LOCK_LEFT) {
+        for (size_t i = 0; i < nold; i++) {
+            seg_name(old_segs[i], seg);
+            delete_in(s.dir, seg);
+        }
+        snap_name(old_head, snap);
+        delete_in(s.dir, snap);
+        expect_listing(ready, "LOCK");
+    }
+
+    char *before = malloc(LISTING), *after = malloc(LISTING);
+    assert_non_null(before);
+    assert_non_null(after);
+    dir_listing(s.dir, before);
+    expect_refused_half_switched(&s);
+    /* A writer cannot finish while the lock is held, and changes nothing
+     * trying. */
+    kl_log *log = NULL;
+    kl_log_recovery rec;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&log, &s.cfg, &rec, &err), KL_ELOCKED);
+    dir_listing(s.dir, after);
+    assert_string_equal(after, before);
+
+    if (by_finish) {
+        /* The lock's holder finishes it. */
+        int rc = kl_log_compact_finish(s.dir, NULL, &err);
+        if (rc != KL_OK)
+            fail_msg("kl_log_compact_finish (stop %d): %d %s", (int)stop, rc, err.msg);
+        kl_log_close(old);
+    } else {
+        /* The crash: the lock goes with the process. */
+        kl_log_close(old);
+        int rc = kl_log_open(&log, &s.cfg, &rec, &err);
+        if (rc != KL_OK)
+            fail_msg("kl_log_open (stop %d): %d %s", (int)stop, rc, err.msg);
+        assert_int_equal(rec.records, nl.head - nl.after);
+        assert_int_equal(kl_log_first_seq(log), nl.after + 1);
+        assert_int_equal(kl_log_head_seq(log), nl.head);
+        uint8_t h[KL_HASH_LEN];
+        kl_log_head_hash(log, h);
+        assert_memory_equal(h, nl.head_hash, KL_HASH_LEN);
+        replay_after(log, nl.after, nl.after_hash, 0, true, nl.head - nl.after);
+        kl_log_close(log);
+    }
+    assert_false(exists(ready));
+    expect_switched(&s, &nl);
+
+    /* Finishing again is a no-op. */
+    dir_listing(s.dir, before);
+    assert_int_equal(kl_log_compact_finish(s.dir, NULL, &err), KL_OK);
+    dir_listing(s.dir, after);
+    assert_string_equal(after, before);
+    expect_switched(&s, &nl);
+    expect_new_log(&s, &nl);
+    for (size_t i = 0; i < nold; i++) {
+        char p[600];
+        seg_name(old_segs[i], seg);
+        path_of(&s, seg, p);
+        assert_false(exists(p));
+    }
+    free(before);
+    free(after);
+    rm_rf(s.dir);
+}
+
+static void test_compact_interrupted(void **state)
+{
+    fx *f = *state;
+    for (int stop = 0; stop < STOP_COUNT; stop++) {
+        run_interrupted(f, (stop_point)stop, false);
+        run_interrupted(f, (stop_point)stop, true);
+    }
+}
+
+/* A compact.tmp that never committed: the old log is the log. */
+static void test_compact_not_committed(void **state)
+{
+    fx *f = *state;
+    uint64_t old_head;
+    uint8_t old_hash[KL_HASH_LEN];
+    kl_log *old = make_old(f, 30, &old_head, old_hash);
+    char *stage = prepare_ok(f);
+    newlog nl;
+    build_new(f, stage, old, 12, 64u << 20, &nl);
+    char path[600];
+    snprintf(path, sizeof path, "%s/MANIFEST", stage);
+    assert_true(exists(path));
+    const char *old_files = "00000000000000000001.log LOCK MANIFEST "
+                            "snapshot-00000000000000000030.kls";
+    const char *want = "00000000000000000001.log LOCK MANIFEST compact.tmp "
+                       "snapshot-00000000000000000030.kls";
+    expect_listing(f->dir, want);
+    char *staged = malloc(LISTING);
+    assert_non_null(staged);
+    dir_listing(stage, staged);
+    assert_string_equal(staged, "00000000000000000031.log LOCK MANIFEST "
+                                "snapshot-00000000000000000042.kls");
+    /* The crash. */
+    kl_log_close(old);
+
+    /* Readers see the old log and leave compact.tmp alone. */
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_log *log = NULL;
+    kl_log_recovery rec;
+    kl_err err = {0};
+    int rc = kl_log_open(&log, &ro, &rec, &err);
+    if (rc != KL_OK)
+        fail_msg("read-only kl_log_open: %d %s", rc, err.msg);
+    assert_int_equal(kl_log_first_seq(log), 1);
+    assert_int_equal(kl_log_head_seq(log), old_head);
+    uint8_t h[KL_HASH_LEN];
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, old_hash, KL_HASH_LEN);
+    replay_all(log, 1, true, old_head);
+    kl_log_close(log);
+    verify_ok(f, old_head);
+    expect_listing(f->dir, want);
+    expect_listing(stage, staged);
+    free(staged);
+
+    /* The next writer throws it away and opens the old log. */
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, old_head);
+    assert_int_equal(kl_log_first_seq(log), 1);
+    assert_int_equal(kl_log_head_seq(log), old_head);
+    kl_log_head_hash(log, h);
+    assert_memory_equal(h, old_hash, KL_HASH_LEN);
+    assert_false(exists(stage));
+    expect_listing(f->dir, old_files);
+    manifest_expect(f, 1, 1);
+    append_records(log, 2, 2);
+    kl_log_close(log);
+    verify_ok(f, old_head + 2);
+
+    /* A compact.tmp the crash left half made (no MANIFEST yet) goes too. */
+    log = open_ok(f, &rec);
+    free(stage);
+    stage = prepare_ok(f);
+    fx s = *f;
+    snprintf(s.dir, sizeof s.dir, "%s", stage);
+    s.cfg.dir = s.dir;
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    assert_int_equal(kl_log_create_after(&s.cfg, old_head + 2, head, &err), KL_OK);
+    snprintf(path, sizeof path, "%s/MANIFEST", stage);
+    assert_int_equal(unlink(path), 0);
+    kl_log_close(log);
+    log = open_ok(f, &rec);
+    assert_int_equal(kl_log_first_seq(log), 1);
+    assert_int_equal(kl_log_head_seq(log), old_head + 2);
+    assert_false(exists(stage));
+    kl_log_close(log);
+    expect_listing(f->dir, old_files);
+    verify_ok(f, old_head + 2);
+    free(stage);
+}
+
+/* kl_log_compact_abandon: compact.tmp goes, the old log is untouched. */
+static void test_compact_abandon(void **state)
+{
+    fx *f = *state;
+    uint64_t old_head;
+    uint8_t old_hash[KL_HASH_LEN];
+    kl_log *old = make_old(f, 25, &old_head, old_hash);
+    char *before = malloc(LISTING);
+    assert_non_null(before);
+    dir_listing(f->dir, before);
+    char seg[600];
+    path_of(f, "00000000000000000001.log", seg);
+    size_t old_len;
+    uint8_t *old_bytes = read_all(seg, &old_len);
+
+    char *stage = prepare_ok(f);
+    /* Prepare again over a stage with something in it: emptied. */
+    char junk[700];
+    snprintf(junk, sizeof junk, "%s/leftover", stage);
+    write_all_file(junk, "x", 1);
+    free(stage);
+    stage = prepare_ok(f);
+    newlog nl;
+    build_new(f, stage, old, 9, 64u << 20, &nl);
+    kl_log_compact_abandon(f->dir);
+    assert_false(exists(stage));
+    expect_listing(f->dir, before);
+    size_t n;
+    uint8_t *now = read_all(seg, &n);
+    assert_int_equal(n, old_len);
+    assert_memory_equal(now, old_bytes, n);
+    free(now);
+    manifest_expect(f, 1, 1);
+    snapshot_expect(f->dir, old_head, old_hash);
+    /* Nothing to abandon: harmless. */
+    kl_log_compact_abandon(f->dir);
+    expect_listing(f->dir, before);
+
+    /* The old log goes on as if nothing happened. */
+    append_records(old, 3, 3);
+    assert_int_equal(kl_log_head_seq(old), old_head + 3);
+    kl_log_close(old);
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    assert_int_equal(rec.records, old_head + 3);
+    assert_int_equal(kl_log_first_seq(log), 1);
+    replay_all(log, 1, true, old_head + 3);
+    kl_log_close(log);
+    verify_ok(f, old_head + 3);
+    free(stage);
+    free(before);
+    free(old_bytes);
+}
+
+/* An old log of many segments (and snapshots): every one goes, every new
+ * one stays, and the new log rolls on from there. */
+static void test_compact_many_segments(void **state)
+{
+    fx *f = *state;
+    f->cfg.segment_bytes = 4096;
+    kl_log_recovery rec;
+    kl_log *old = open_ok(f, &rec);
+    append_records(old, 100, 4);
+    uint8_t h100[KL_HASH_LEN];
+    kl_log_head_hash(old, h100);
+    snapshot_ok(f->dir, 100, h100);
+    append_records(old, 200, 4);
+    uint64_t old_head = kl_log_head_seq(old);
+    uint8_t old_hash[KL_HASH_LEN];
+    kl_log_head_hash(old, old_hash);
+    snapshot_ok(f->dir, old_head, old_hash);
+    uint64_t old_segs[64];
+    size_t nold = list_segments(f, old_segs, 64);
+    assert_true(nold >= 5);
+
+    char *stage = prepare_ok(f);
+    newlog nl;
+    build_new(f, stage, old, 120, 4096, &nl);
+    assert_true(nl.nseg >= 3);
+    assert_true(nl.segs[0] > old_segs[nold - 1]);
+    kl_err err = {0};
+    int rc = kl_log_compact_commit(f->dir, NULL, &err);
+    if (rc != KL_OK)
+        fail_msg("kl_log_compact_commit: %d %s", rc, err.msg);
+    kl_log_close(old);
+    free(stage);
+    for (size_t i = 0; i < nold; i++) {
+        char name[32], path[600];
+        seg_name(old_segs[i], name);
+        path_of(f, name, path);
+        assert_false(exists(path));
+    }
+    uint64_t now_segs[64];
+    size_t nnow = list_segments(f, now_segs, 64);
+    assert_int_equal(nnow, nl.nseg);
+    assert_memory_equal(now_segs, nl.segs, nnow * sizeof *now_segs);
+    expect_switched(f, &nl);
+    expect_new_log(f, &nl);
+
+    /* The new log rolls into more segments; it still begins after the old
+     * head. */
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 150, 4);
+    uint8_t head[KL_HASH_LEN];
+    kl_log_head_hash(log, head);
+    kl_log_close(log);
+    nnow = list_segments(f, now_segs, 64);
+    assert_true(nnow > nl.nseg);
+    assert_int_equal(now_segs[0], old_head + 1);
+    manifest_expect(f, old_head + 1, now_segs[nnow - 1]);
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 270);
+    assert_int_equal(kl_log_head_seq(log), old_head + 270);
+    replay_after(log, old_head, old_hash, 0, true, 270);
+    /* Starting inside a later segment skips the ones before. */
+    seen s = {.next = now_segs[2] + 1, .hashes = true};
+    assert_int_equal(kl_log_replay(log, now_segs[2] + 1, true, on_record, &s, &err),
+                     KL_OK);
+    assert_int_equal(s.count, old_head + 270 - now_segs[2]);
+    assert_memory_equal(s.last_hash, head, KL_HASH_LEN);
+    kl_log_close(log);
+    verify_head(f->dir, 270, old_head + 270, head);
+}
+
+/* Compacting a log that is itself a compacted one. */
+static void test_compact_again(void **state)
+{
+    fx *f = *state;
+    uint64_t h1;
+    uint8_t hash1[KL_HASH_LEN];
+    kl_log *old = make_old(f, 20, &h1, hash1);
+    char *stage = prepare_ok(f);
+    newlog first;
+    build_new(f, stage, old, 15, 64u << 20, &first);
+    kl_err err = {0};
+    assert_int_equal(kl_log_compact_commit(f->dir, NULL, &err), KL_OK);
+    kl_log_close(old);
+    free(stage);
+    expect_switched(f, &first);
+
+    kl_log_recovery rec;
+    old = open_ok(f, &rec);
+    assert_int_equal(kl_log_first_seq(old), 21);
+    assert_int_equal(kl_log_head_seq(old), 35);
+    stage = prepare_ok(f);
+    newlog second;
+    build_new(f, stage, old, 4, 64u << 20, &second);
+    assert_int_equal(second.after, 35);
+    assert_memory_equal(second.after_hash, first.head_hash, KL_HASH_LEN);
+    assert_int_equal(kl_log_compact_commit(f->dir, NULL, &err), KL_OK);
+    kl_log_close(old);
+    free(stage);
+    expect_switched(f, &second);
+    expect_new_log(f, &second);
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -1515,6 +2396,13 @@ int main(void)
         T(test_sync),
         T(test_reader_by_seq),
         T(test_reader_detects_damage),
+        T(test_create_after),
+        T(test_compact_switch),
+        T(test_compact_interrupted),
+        T(test_compact_not_committed),
+        T(test_compact_abandon),
+        T(test_compact_many_segments),
+        T(test_compact_again),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
