@@ -260,7 +260,7 @@ static json_t *buckets_json(const range *r, const tally *buckets)
 }
 
 typedef struct flow_row {
-    uint32_t index;             /* into the org's flow_names */
+    const char *name;
     uint64_t requests;
 } flow_row;
 
@@ -269,11 +269,13 @@ static int flow_row_cmp(const void *a, const void *b)
     const flow_row *x = a, *y = b;
     if (x->requests != y->requests)
         return x->requests > y->requests ? -1 : 1;
-    return x->index < y->index ? -1 : x->index > y->index;
+    return strcmp(x->name, y->name);
 }
 
-/* [{flow, requests}] for the flows used, most requests first (ties: in the
- * order the org first saw them). NULL when out of memory. */
+/* [{flow, requests}] for the flows used, most requests first (ties: by
+ * name, so the order depends on nothing but the counts: not on which flow
+ * the org happened to see first, which a compaction may change). NULL when
+ * out of memory. */
 static json_t *flows_json(const kl_org *org, const uint64_t *flows, uint32_t nflows)
 {
     flow_row *rows = malloc((nflows ? nflows : 1) * sizeof *rows);
@@ -282,12 +284,11 @@ static json_t *flows_json(const kl_org *org, const uint64_t *flows, uint32_t nfl
     uint32_t n = 0;
     for (uint32_t i = 0; i < nflows; i++)
         if (flows[i] > 0)
-            rows[n++] = (flow_row){i, flows[i]};
+            rows[n++] = (flow_row){org->flow_names[i], flows[i]};
     qsort(rows, n, sizeof *rows, flow_row_cmp);
     json_t *a = json_array();
     for (uint32_t i = 0; i < n; i++)
-        json_array_append_new(a, json_pack("{s:s,s:o}", "flow",
-                                           org->flow_names[rows[i].index],
+        json_array_append_new(a, json_pack("{s:s,s:o}", "flow", rows[i].name,
                                            "requests", json_count(rows[i].requests)));
     free(rows);
     return a;
