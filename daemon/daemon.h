@@ -350,8 +350,22 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c);
 kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
                              int64_t now, kl_fail_reason *why);
 /* Checks Content-Type and parses the body as a JSON object whose keys are
- * all in `allowed` (NULL-terminated). An empty body is {}. Answers the request and returns non-zero on failure. */
+ * all in `allowed` (NULL-terminated). An empty body is {}. Answers the
+ * request and returns non-zero on failure. */
 int kl_api_body(kl_http_request *req, const char *const *allowed, json_t **out);
+/* A member of a flat JSON body (kl_api_flat_body). */
+typedef enum { KL_FIELD_ABSENT = 0, KL_FIELD_STRING, KL_FIELD_NUMBER } kl_field_kind;
+typedef struct kl_api_field {
+    kl_field_kind kind;
+    kl_str str;                 /* borrowed from the request body */
+    uint64_t num;
+} kl_api_field;
+/* The hot path's parse: true when the body is a JSON object of allowed,
+ * distinct members that are plain ASCII strings (no escapes) or unsigned
+ * integers, with out[i] set for allowed[i]; false for anything else, and
+ * then kl_api_body reads it (and answers any error). Answers nothing. */
+bool kl_api_flat_body(kl_http_request *req, const char *const *allowed,
+                      kl_api_field *out);
 /* If-Match: "<version>" against `version`; answers 412 and returns non-zero
  * on mismatch, 400 when malformed. */
 int kl_api_if_match(kl_http_request *req, uint64_t version);

@@ -309,6 +309,58 @@ static int parse(kl_http_request *req, json_t *body, request *r)
     return 0;
 }
 
+/* The flat fields (kl_api_flat_body) into r when they are all valid;
+ * false sends the request down the general path, which says what is
+ * wrong. */
+static bool flat_request(const kl_api_field *f, request *r)
+{
+    const kl_api_field *key = &f[0], *flow = &f[1], *perm = &f[2], *cost = &f[3];
+    if (key->kind != KL_FIELD_STRING || key->str.len == 0 || key->str.len > KL_SECRET_MAX ||
+        (flow->kind != KL_FIELD_ABSENT &&
+         (flow->kind != KL_FIELD_STRING || flow->str.len == 0 ||
+          flow->str.len > KL_MAX_FLOW_LEN)) ||
+        (perm->kind != KL_FIELD_ABSENT && perm->kind != KL_FIELD_STRING) ||
+        (cost->kind != KL_FIELD_ABSENT &&
+         (cost->kind != KL_FIELD_NUMBER || cost->num > MAX_COST)))
+        return false;
+    r->key = key->str;
+    if (flow->kind == KL_FIELD_STRING)
+        r->flow = flow->str;
+    for (int i = 1; perm->kind == KL_FIELD_STRING && i < 4 && r->permission == 0; i++)
+        if (strlen(PERMISSIONS[i]) == perm->str.len &&
+            memcmp(PERMISSIONS[i], perm->str.ptr, perm->str.len) == 0)
+            r->permission = i;
+    if (perm->kind == KL_FIELD_STRING && r->permission == 0)
+        return false;
+    if (cost->kind == KL_FIELD_NUMBER)
+        r->cost = (uint32_t)cost->num;
+    return true;
+}
+
+static void verify_and_answer(kl_daemon *d, kl_http_request *req, const request *r,
+                              throttle_slot *ts, int64_t now)
+{
+    kl_key *k;
+    kl_fail_reason why;
+    kl_ratelimit rl = {0};
+    outcome v = decide(d, r, now, &k, &why, &rl);
+    kl_metrics_verify(d->metrics, (int)v);
+    if (v == V_VALID) {
+        kl_usage_note(d->usage, k, r->flow, r->cost, now);
+        kl_key_touch(k, now);
+    } else {
+        kl_usage_refused(d->usage, k, why, r->flow, now);
+    }
+    if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED) {
+        ts->failures++;
+        if (k != NULL)
+            kl_alert_failures(d, k, ts->addr, ts->failures, now);
+    }
+    char out[ANSWER_MAX];
+    size_t n = answer(out, sizeof out, v, v == V_NOT_FOUND ? NULL : k, &rl);
+    kl_http_respond_json(req, 200, NULL, out, n);
+}
+
 void kl_h_verify(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
@@ -327,33 +379,18 @@ void kl_h_verify(kl_http_request *req)
                               "retry later", NULL, headers);
         return;
     }
-
+    request r = {{NULL, 0}, {"", 0}, 0, 1};
+    kl_api_field flat[4];
+    if (kl_api_flat_body(req, FIELDS, flat) && flat_request(flat, &r)) {
+        verify_and_answer(d, req, &r, ts, now);
+        return;
+    }
     arena.on = true;
     arena.used = 0;
     json_t *body;
-    request r = {{NULL, 0}, {"", 0}, 0, 1};
     if (kl_api_body(req, FIELDS, &body) == 0) {
-        if (parse(req, body, &r) == 0) {
-            kl_key *k;
-            kl_fail_reason why;
-            kl_ratelimit rl = {0};
-            outcome v = decide(d, &r, now, &k, &why, &rl);
-            kl_metrics_verify(d->metrics, (int)v);
-            if (v == V_VALID) {
-                kl_usage_note(d->usage, k, r.flow, r.cost, now);
-                kl_key_touch(k, now);
-            } else {
-                kl_usage_refused(d->usage, k, why, r.flow, now);
-            }
-            if (v != V_VALID && v != V_RATE_LIMITED && v != V_USAGE_EXCEEDED) {
-                ts->failures++;
-                if (k != NULL)
-                    kl_alert_failures(d, k, ts->addr, ts->failures, now);
-            }
-            char out[ANSWER_MAX];
-            size_t n = answer(out, sizeof out, v, v == V_NOT_FOUND ? NULL : k, &rl);
-            kl_http_respond_json(req, 200, NULL, out, n);
-        }
+        if (parse(req, body, &r) == 0)
+            verify_and_answer(d, req, &r, ts, now);
         json_decref(body);
     }
     arena.on = false;

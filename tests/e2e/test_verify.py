@@ -511,6 +511,70 @@ def test_bad_requests():
     vfy(v, ok, "VALID")
 
 
+def test_body_forms_read_the_same():
+    """Plain bodies take a fast path past the JSON parser; escapes, unicode,
+    odd numbers and whitespace take the general one. Both must read a body
+    the same way: a secret spelled with escapes is the same secret, and
+    every number form JSON allows or forbids gets the same answer."""
+    env = h.Env()
+    v = h.Client(env.port, None)
+    c = env.client()
+    k, secret = h.create_key(c, "flows", permissions={"access": "flows",
+                                                     "flows": ["ingest"]})
+    plain = [
+        '{"key":"%s","flow":"ingest"}' % secret,
+        '{ "key" : "%s" , "flow" : "ingest" }' % secret,
+        '\n\t{\r\n"flow":"ingest",\t"key":"%s"}\n ' % secret,
+        '{"key":"%s","flow":"ingest","permission":"execute","cost":0}' % secret,
+        '{"cost":1000,"key":"%s","flow":"ingest"}' % secret,
+    ]
+    escaped = secret.replace("_", "\\u005f", 1)
+    general = [
+        '{"key":"%s","flow":"ingest"}' % escaped,
+        '{"key":"%s","flow":"\\u0069ngest"}' % secret,
+        '{"key":"%s","flow":"ingest","cost":1E2}' % secret,
+    ]
+    for body in plain + general[:2]:
+        eq(check_answer(expect(verify_raw(v, body), 200).json)["code"], "VALID",
+           "answer to %r" % body)
+    # 1E2 is a real number to JSON, not an integer.
+    expect_error(verify_raw(v, general[2]), 400, "invalid_argument", "cost")
+    for body, code, field in (
+            ('{"key":"%s","cost":01}' % secret, "malformed_json", None),
+            ('{"key":"%s","cost":1.0}' % secret, "invalid_argument", "cost"),
+            ('{"key":"%s","cost":-0}' % secret, None, None),
+            ('{"key":"%s","cost":1001}' % secret, "invalid_argument", "cost"),
+            ('{"key":"%s","cost":1234567890}' % secret, "invalid_argument", "cost"),
+            ('{"key":"%s","cost":99999999999999999999999}' % secret, None, None),
+            ('{"key":"%s","flow":""}' % secret, "invalid_argument", "flow"),
+            ('{"key":"","flow":"ingest"}', "invalid_argument", "key"),
+            ('{"key":"%s","flow":"a\\u0001"}' % secret, "invalid_argument", "flow"),
+            ('{"key":"%s","flow":"a\u0001"}' % secret, "malformed_json", None),
+            ('{"key":"%s","key":"%s"}' % (secret, secret), "malformed_json", None),
+            ('{"key":"%s"}}' % secret, "malformed_json", None),
+            ('{"key":"%s"},' % secret, "malformed_json", None),
+            ('{"key":"%s" "flow":"x"}' % secret, "malformed_json", None),
+            ('{"key":"%s","unknown":1}' % secret, "invalid_argument", "unknown")):
+        r = verify_raw(v, body)
+        if code is None:            # JSON that the parser may read either way
+            check(r.status in (200, 400), "%r: %s" % (body, r.describe()))
+        else:
+            expect_error(r, 400, code, h.ANY if field is None else field)
+    # The fast path counts usage by flow like the general one.
+    env.restart(config={"usage_flush_ms": 50})
+    v = h.Client(env.port, None)
+
+    def ingest():
+        u = expect(env.client().get("/v1/api-keys/%s/usage?granularity=day" % k["id"]),
+                   200).json
+        return sum(f["requests"] for f in u.get("flows", []) if f["flow"] == "ingest")
+    before = ingest()
+    for body in plain[:2] + general[:1]:
+        expect(verify_raw(v, body), 200)
+    h.wait_until(lambda: ingest() == before + 3, 10, 0.05,
+                 "3 more requests by flow ingest")
+
+
 # --------------------------------------------------------------------------
 # The guard against guessing
 
