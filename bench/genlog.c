@@ -4,7 +4,8 @@
  * benchmarks. Each key looks like one a client would create: a name, a
  * description, a flows permission and a rate limit.
  *
- *   genlog [--no-limits] [--print-secret FILE [--spread K]] DIR N
+ *   genlog [--no-limits] [--print-secret FILE [--spread K]]
+ *          [--usage K [--usage-days D] [--usage-keys M]] DIR N
  *
  * --no-limits      keys get no rate limit (the org never has one), so a
  *                  verification of them measures the lookup, not the limiter
@@ -13,24 +14,99 @@
  * --spread K       writes K secrets instead, one a line, of keys spread evenly
  *                  over the org (every N/K-th, ending with the last), so that
  *                  a benchmark can verify keys that are not all in the cache
+ * --usage K        after the keys, appends K UsageRecorded events (actor
+ *                  system, as the daemon's flush writes them) for the
+ *                  compaction benchmark: each of the M keys in turn (round
+ *                  robin, so a group never names a key twice when M >= 256),
+ *                  a period of one second ending at the event's time, a few
+ *                  accepted calls in flow_orders and, on every tenth, a
+ *                  refused one or two in flow_refunds. Their times are spread
+ *                  evenly over the D days before now (the last one now), in
+ *                  time order, so a compaction with a shorter retention
+ *                  folds most of them. They go out in groups of 256 (every
+ *                  record of a group but its last framed with more = true),
+ *                  as the daemon writes a flush. With --usage the org, its
+ *                  owner and the keys are made before the first usage
+ *                  period (without it, at now, as always).
+ * --usage-days D   the days the usage is spread over (default 30)
+ * --usage-keys M   the keys that are used: M spread evenly over the org
+ *                  (every N/M-th; default all N). Compaction folds a key's
+ *                  events of one UTC day into one: with K/M events a key over
+ *                  D days, K/(M*D) a day, it only shrinks the log when that
+ *                  is well over 1
  */
 #include "log.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: genlog [--no-limits] [--print-secret FILE [--spread K]] DIR N\n");
+    fprintf(stderr, "usage: genlog [--no-limits] [--print-secret FILE [--spread K]]\n"
+                    "              [--usage K [--usage-days D] [--usage-keys M]] DIR N\n");
     return 2;
+}
+
+enum { USAGE_GROUP = 256, MAX_USAGE_DAYS = 36500 };
+#define DAY_MS INT64_C(86400000)
+
+/* A count option: a whole number from 0 to max, or -1. */
+static long count_arg(const char *s, long max)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    return end == s || *end != '\0' || v < 0 || v > max ? -1 : v;
+}
+
+/* Appends the K UsageRecorded events of --usage to the batch, in groups of
+ * USAGE_GROUP, writing the batch whenever it is big and a group has ended
+ * (a group never spans two batches, so never two segments). */
+static int gen_usage(kl_log *log, kl_buf *batch, kl_log_mark *mark, const kl_id *org,
+                     const kl_id *keys, long n, long m, long k, int64_t start,
+                     int64_t span, kl_err *err)
+{
+    kl_event ev = {.type = KL_EV_USAGE_RECORDED, .org = *org,
+                   .actor = {.type = KL_PRINCIPAL_SYSTEM}};
+    int rc = KL_OK;
+    for (long j = 0; j < k && rc == KL_OK; j++) {
+        /* Evenly over (start, start + span], in time order. */
+        int64_t to = start + (int64_t)((__int128)span * (j + 1) / k);
+        ev.has = KL_F_ID | KL_F_USAGE | KL_F_FLOW_USAGE;
+        ev.id = keys[j % m * (n / m)];
+        ev.ts = to;
+        ev.usage_from = to - 1000;
+        ev.usage_to = to;
+        ev.successes = 1 + (uint32_t)(j % 7);
+        ev.failures = j % 10 == 0 ? 1 + (uint32_t)(j / 10 % 2) : 0;
+        ev.last_used = to - 1 - j % 997;
+        ev.flows[0] = (kl_str){"flow_orders", 11};
+        ev.flow_successes[0] = ev.successes;
+        ev.flow_failures[0] = 0;
+        ev.nflows = 1;
+        if (ev.failures > 0) {
+            ev.flows[1] = (kl_str){"flow_refunds", 12};
+            ev.flow_successes[1] = 0;
+            ev.flow_failures[1] = ev.failures;
+            ev.nflows = 2;
+        }
+        bool more = j % USAGE_GROUP != USAGE_GROUP - 1 && j != k - 1;
+        rc = kl_log_frame_event(log, &ev, more, batch);
+        if (rc == KL_OK && !more && batch->len > (4u << 20)) {
+            rc = kl_log_write(log, batch, mark, err);
+            batch->len = 0;
+            kl_log_mark_get(log, mark);
+        }
+    }
+    return rc;
 }
 
 int main(int argc, char **argv)
 {
     const char *pos[2], *secret_out = NULL;
     int npos = 0;
-    long spread = 1;
+    long spread = 1, nusage = 0, usage_days = 30, usage_keys = 0;
     bool limits = true;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--no-limits") == 0)
@@ -39,6 +115,16 @@ int main(int argc, char **argv)
             secret_out = argv[++i];
         else if (strcmp(argv[i], "--spread") == 0 && i + 1 < argc)
             spread = atol(argv[++i]);
+        else if (strcmp(argv[i], "--usage") == 0 && i + 1 < argc) {
+            if ((nusage = count_arg(argv[++i], LONG_MAX)) < 0)
+                return usage();
+        } else if (strcmp(argv[i], "--usage-days") == 0 && i + 1 < argc) {
+            if ((usage_days = count_arg(argv[++i], MAX_USAGE_DAYS)) < 1)
+                return usage();
+        } else if (strcmp(argv[i], "--usage-keys") == 0 && i + 1 < argc) {
+            if ((usage_keys = count_arg(argv[++i], LONG_MAX)) < 1)
+                return usage();
+        }
         else if (argv[i][0] == '-' && argv[i][1] == '-')
             return usage();
         else if (npos < 2)
@@ -56,12 +142,20 @@ int main(int argc, char **argv)
         fprintf(stderr, "genlog: --print-secret needs at least one key\n");
         return 2;
     }
+    if (nusage > 0 && n == 0) {
+        fprintf(stderr, "genlog: --usage needs at least one key\n");
+        return 2;
+    }
+    if (usage_keys == 0 || usage_keys > n)
+        usage_keys = n;
     if (spread < 1 || spread > n)
         spread = spread < 1 ? 1 : n;
     long step = n / spread > 0 ? n / spread : 1;
     char (*kept)[KL_SECRET_MAX] = NULL;
     long nkept = 0;
-    if (secret_out != NULL && (kept = calloc((size_t)spread, sizeof *kept)) == NULL) {
+    kl_id *keys = NULL;         /* the keys' ids, for --usage */
+    if ((secret_out != NULL && (kept = calloc((size_t)spread, sizeof *kept)) == NULL) ||
+        (nusage > 0 && (keys = calloc((size_t)n, sizeof *keys)) == NULL)) {
         fprintf(stderr, "genlog: out of memory\n");
         return 1;
     }
@@ -79,6 +173,11 @@ int main(int argc, char **argv)
     kl_idgen ids;
     kl_idgen_init(&ids);
     int64_t now = kl_now_ms();
+    /* With --usage, the keys exist before the first usage period (a second
+     * before it, one millisecond apart as always). */
+    int64_t usage_span = usage_days * DAY_MS, usage_start = now - usage_span;
+    if (nusage > 0)
+        now = usage_start - 1000 - n;
     kl_event ev = {.ts = now, .actor = {.type = KL_PRINCIPAL_SYSTEM}};
     kl_id user;
     kl_buf batch = {0};
@@ -105,6 +204,8 @@ int main(int argc, char **argv)
                  KL_F_PREFIX | KL_F_ENV | KL_F_ACCESS | (limits ? KL_F_RATE_LIMIT : 0);
         ev.ts = now + i;
         kl_id_new(&ids, ev.ts, &ev.id);
+        if (keys != NULL)
+            keys[i] = ev.id;
         ev.name = (kl_str){name, (uint32_t)strlen(name)};
         ev.description = (kl_str){"used by the order sync job", 26};
         ev.owner_type = KL_PRINCIPAL_USER;
@@ -126,6 +227,10 @@ int main(int argc, char **argv)
             kl_log_mark_get(log, &mark);
         }
     }
+    if (rc == KL_OK && nusage > 0)
+        rc = gen_usage(log, &batch, &mark, &ev.org, keys, n, usage_keys, nusage,
+                       usage_start, usage_span, &err);
+    free(keys);
     if (rc == KL_OK && batch.len > 0)
         rc = kl_log_write(log, &batch, &mark, &err);
     if (rc == KL_OK)

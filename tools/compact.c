@@ -3,7 +3,8 @@
  *
  * UsageRecorded events that ended at or before the cutoff (now minus the
  * usage retention) are folded into one daily total per key and UTC day,
- * written where the last event it folds was; every other event is kept, in
+ * written where the last event it folds was (a key's only event of a day
+ * stays as it is); every other event is kept, in
  * order, its body byte for byte. The new log goes on from the old one's
  * head: its first record's prev is the old head's hash, its seqs start
  * after the old head, and it ends with a LogCompacted record that names
@@ -47,6 +48,7 @@ typedef struct total {
     kl_id key, org;
     int64_t day;
     uint64_t last_seq;          /* where the daily total is written */
+    uint32_t count;             /* events it folds (1: the event is kept) */
     int64_t from, to, last_used;
     uint64_t ok, failed;
     flow_total *flows;
@@ -148,6 +150,7 @@ static int total_add(total *x, const kl_event *ev, uint64_t seq)
         x->last_used = ev->last_used;
     x->org = ev->org;
     x->last_seq = seq;
+    x->count++;
     x->ok += ev->successes;
     x->failed += ev->failures;
     for (uint32_t i = 0; (ev->has & KL_F_FLOW_USAGE) && i < ev->nflows; i++) {
@@ -186,6 +189,7 @@ typedef struct compact {
     totals totals;
     uint64_t old_head, folded, written_totals;
     kl_log *out;                /* the new log, in compact.tmp */
+    uint64_t next_seq;          /* what the next record held will be */
     kl_proj *proj;              /* the new log's state */
     kl_buf batch;
     kl_log_mark batch_start;
@@ -195,7 +199,7 @@ typedef struct compact {
     bool holding, held_more;
     kl_event ev;                /* scratch: decoding and daily totals */
     kl_err err;
-    uint64_t started_ms, progress_ms;
+    uint64_t started_ms, progress_ms, seen;
 } compact;
 
 static bool folded(const compact *c, const kl_event *ev)
@@ -205,6 +209,8 @@ static bool folded(const compact *c, const kl_event *ev)
 
 static void progress(compact *c, const char *what, uint64_t seq)
 {
+    if (++c->seen % 4096 != 0)
+        return;
     uint64_t now = (uint64_t)kl_now_ms();
     if (now - c->progress_ms < 2000)
         return;
@@ -226,24 +232,19 @@ static int gather(uint64_t seq, const uint8_t *payload, size_t len,
         return rc;
     total *x = totals_get(&c->totals, &c->ev.id, kl_time_day_start(c->ev.usage_from),
                           true, &rc);
-    c->folded++;
     return x == NULL ? rc : total_add(x, &c->ev, seq);
 }
 
-/* Frames the held record, if any, into the batch and folds it into the new
- * state; writes the batch when it is big and ends on a whole command. */
+/* Frames the held record, if any, into the batch; writes the batch when it
+ * is big and ends on a whole command. */
 static int flush_held(compact *c)
 {
     if (!c->holding)
         return KL_OK;
     c->holding = false;
-    size_t at = c->batch.len;
     uint64_t seq;
     int rc = kl_log_frame(c->out, (const uint8_t *)c->held.data, c->held.len,
                           c->held_more, &c->batch, &seq);
-    if (rc == KL_OK)
-        rc = kl_proj_apply_record(c->proj, (const uint8_t *)c->batch.data + at + 8,
-                                  c->batch.len - at - 8, &c->err);
     if (rc == KL_OK && !c->held_more && c->batch.len >= BATCH_BYTES) {
         rc = kl_log_write(c->out, &c->batch, &c->batch_start, &c->err);
         c->batch.len = 0;
@@ -254,12 +255,17 @@ static int flush_held(compact *c)
     return rc;
 }
 
-/* Holds `body` as the next record of the new log (the one held before is
- * framed first, as part of the same command). */
-static int hold(compact *c, const void *body, size_t len)
+/* Holds `body`, the encoding of ev, as the next record of the new log (the
+ * one held before is framed first, as part of the same command), and folds
+ * ev into the new state with the seq the record will have: only its `more`
+ * is left to settle, and the fold does not read that. */
+static int hold(compact *c, const void *body, size_t len, kl_event *ev)
 {
     int rc = flush_held(c);
     if (rc != KL_OK)
+        return rc;
+    ev->seq = c->next_seq++;
+    if ((rc = kl_proj_apply(c->proj, ev, &c->err)) != KL_OK)
         return rc;
     c->held.len = 0;
     if (kl_buf_append(&c->held, body, len) != KL_OK)
@@ -317,7 +323,7 @@ static int hold_total(compact *c, total *x, const kl_event *last)
         body.len = 0;
         rc = kl_event_encode(ev, &body);
         if (rc == KL_OK)
-            rc = hold(c, body.data, body.len);
+            rc = hold(c, body.data, body.len, ev);
         c->written_totals++;
     } while (rc == KL_OK && more);
     kl_buf_free(&body);
@@ -335,16 +341,21 @@ static int rewrite(uint64_t seq, const uint8_t *payload, size_t len,
     if (rc != KL_OK)
         return rc;
     progress(c, "rewriting", seq);
-    if (!folded(c, &c->ev)) {
-        rc = hold(c, payload + KL_RECORD_PREFIX_LEN, len - KL_RECORD_PREFIX_LEN);
-    } else {
-        total *x = totals_get(&c->totals, &c->ev.id,
-                              kl_time_day_start(c->ev.usage_from), false, &rc);
+    total *x = NULL;
+    if (folded(c, &c->ev)) {
+        x = totals_get(&c->totals, &c->ev.id, kl_time_day_start(c->ev.usage_from),
+                       false, &rc);
         if (x == NULL) {
             kl_err_set(&c->err, "seq %" PRIu64 ": usage that the first reading "
                        "did not see (the log changed)", seq);
             return KL_ECORRUPT;
         }
+    }
+    /* Kept as it is: any other event, and usage alone on its key and day. */
+    if (x == NULL || x->count == 1) {
+        rc = hold(c, payload + KL_RECORD_PREFIX_LEN, len - KL_RECORD_PREFIX_LEN, &c->ev);
+    } else {
+        c->folded++;
         if (x->last_seq == seq) {
             kl_event last = c->ev;      /* hold_total reuses c->ev */
             rc = hold_total(c, x, &last);
@@ -405,6 +416,7 @@ static int build(compact *c, kl_log *old, const char *stage, const kl_logger *lg
     if (rc != KL_OK)
         return rc;
     kl_log_mark_get(c->out, &c->batch_start);
+    c->next_seq = old_head + 1;
     rc = kl_log_replay(old, 0, false, rewrite, c, &c->err);
     if (rc == KL_OK)
         rc = flush_held(c);
@@ -420,11 +432,10 @@ static int build(compact *c, kl_log *old, const char *stage, const kl_logger *lg
         ev->compact.cutoff = c->cutoff;
         ev->compact.folded = c->folded;
         ev->compact.totals = c->written_totals;
-        size_t at = c->batch.len;
         rc = kl_log_frame_event(c->out, ev, false, &c->batch);
+        ev->seq = c->next_seq;
         if (rc == KL_OK)
-            rc = kl_proj_apply_record(c->proj, (const uint8_t *)c->batch.data + at + 8,
-                                      c->batch.len - at - 8, &c->err);
+            rc = kl_proj_apply(c->proj, ev, &c->err);
     }
     if (rc == KL_OK)
         rc = kl_log_write(c->out, &c->batch, &c->batch_start, &c->err);
@@ -500,16 +511,21 @@ int kl_tool_compact(int argc, char **argv)
     else if (stage != NULL)
         kl_log_compact_abandon(data);   /* the old log stays the log */
     if (rc == KL_OK) {
-        char hex[2 * KL_HASH_LEN + 1];
+        char hex[2 * KL_HASH_LEN + 1], snap[4096];
         kl_hex(head_hash, KL_HASH_LEN, hex);
+        struct stat st;
+        snprintf(snap, sizeof snap, "%s/snapshot-%020" PRIu64 ".kls", data, head_seq);
+        uint64_t snap_bytes = stat(snap, &st) == 0 ? (uint64_t)st.st_size : 0;
         printf("{\"events_before\":%" PRIu64 ",\"events_after\":%" PRIu64
                ",\"usage_events_folded\":%" PRIu64 ",\"daily_totals\":%" PRIu64
                ",\"bytes_before\":%" PRIu64 ",\"bytes_after\":%" PRIu64
                ",\"head_seq\":%" PRIu64 ",\"head_hash\":\"%s\""
-               ",\"snapshot\":\"snapshot-%020" PRIu64 ".kls\",\"seconds\":%.3f}\n",
+               ",\"snapshot\":\"snapshot-%020" PRIu64 ".kls\",\"snapshot_bytes\":%" PRIu64
+               ",\"seconds\":%.3f}\n",
                events_before, head_seq - c.old_head, c.folded,
                c.written_totals, before_bytes, segments_bytes(data), head_seq, hex,
-               head_seq, (double)((uint64_t)kl_now_ms() - c.started_ms) / 1000.0);
+               head_seq, snap_bytes,
+               (double)((uint64_t)kl_now_ms() - c.started_ms) / 1000.0);
     } else {
         fprintf(stderr, "keyledger: %s%s\n",
                 rc == KL_ENOMEM ? "out of memory" : c.err.msg,
