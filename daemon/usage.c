@@ -58,6 +58,7 @@ typedef struct window {
 typedef struct flow_count {
     char *name;
     uint32_t successes, failures;
+    enum { FLOW_UNKNOWN = 0, FLOW_NAMED, FLOW_UNNAMED } named;  /* by the org */
 } flow_count;
 
 typedef struct entry {
@@ -78,6 +79,7 @@ typedef struct org_entry {
     kl_org *org;
     window minute;
     uint64_t pending;               /* granted since the last flush */
+    uint32_t new_flows;             /* flow names this pass gives the org */
     uint64_t inflight;              /* granted, being written */
 } org_entry;
 
@@ -174,7 +176,7 @@ static void count_flow(entry *e, kl_str flow, bool accepted, uint32_t n)
         memcpy(name, flow.ptr, flow.len);
         name[flow.len] = '\0';
         f = &e->flows[e->nflows++];
-        *f = (flow_count){name, 0, 0};
+        *f = (flow_count){name, 0, 0, FLOW_UNKNOWN};
     }
     if (f != NULL) {
         if (accepted)
@@ -407,6 +409,31 @@ static int chunk_new(kl_usage *u, kl_cmd **out)
     return KL_OK;
 }
 
+/* Whether the flow goes into the key's UsageRecorded: the log names no
+ * more flows for an org than the org can name (KL_ORG_MAX_FLOWS), counting
+ * the names this pass's events give it before they are applied, so its
+ * names never depend on the order of its usage (which compaction changes).
+ * A flow the org names stays named, and a full org stays full: those
+ * answers stick to the entry's flow. */
+static bool flow_logged(kl_usage *u, kl_org *org, flow_count *fc)
+{
+    if (fc->named != FLOW_UNKNOWN)
+        return fc->named == FLOW_NAMED;
+    if (kl_org_names_flow(org, fc->name, strlen(fc->name))) {
+        fc->named = FLOW_NAMED;
+        return true;
+    }
+    if (org->nflow_names == KL_ORG_MAX_FLOWS) {
+        fc->named = FLOW_UNNAMED;   /* the org is full for good */
+        return false;
+    }
+    org_entry *oe = org_entry_for(u, org);
+    if (oe == NULL || org->nflow_names + oe->new_flows >= KL_ORG_MAX_FLOWS)
+        return false;               /* maybe next time: names in flight */
+    oe->new_flows++;                /* named once the event is applied */
+    return true;
+}
+
 /* Moves one entry's counts into c: its UsageRecorded and AuthFailed
  * events, and its successes (the key's and its org's) into flight. */
 static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
@@ -421,8 +448,11 @@ static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
                    .last_used = e->last};
     for (uint32_t j = 0; j < e->nflows; j++) {
         flow_count *fc = &e->flows[j];
-        if (fc->successes == 0 && fc->failures == 0)
+        if ((fc->successes == 0 && fc->failures == 0) ||
+            !flow_logged(u, e->key->org, fc)) {
+            fc->successes = fc->failures = 0;
             continue;
+        }
         ev.flows[ev.nflows] = (kl_str){fc->name, (uint32_t)strlen(fc->name)};
         ev.flow_successes[ev.nflows] = fc->successes;
         ev.flow_failures[ev.nflows++] = fc->failures;
@@ -509,6 +539,10 @@ static void pass_end(kl_usage *u)
             "over %.1f ms", u->pass_events, u->pass_cmds,
             (double)(uv_hrtime() - u->pass_t0) / 1e6);
     u->pass = 0;
+    /* Every event of the pass is applied (or lost): the orgs' names count
+     * what they gave. */
+    for (uint32_t i = 0; i < u->norgs; i++)
+        u->orgs[i].new_flows = 0;
     if (u->again) {             /* the pass took longer than an interval */
         u->again = false;
         pass_begin(u);

@@ -692,22 +692,29 @@ static int apply_alert(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
     return KL_OK;
 }
 
-/* The flow's number in the org (index + 1), made on first use; 0 when the
- * org already knows MAX_FLOW_NAMES flows (their calls still count in the
- * totals). */
-enum { MAX_FLOW_NAMES = 1024 };
+/* The flow's index in the org's names, or -1. */
+static int64_t flow_index(const kl_org *o, const char *name, size_t len)
+{
+    for (uint32_t i = 0; i < o->nflow_names; i++)
+        if (strlen(o->flow_names[i]) == len && memcmp(o->flow_names[i], name, len) == 0)
+            return i;
+    return -1;
+}
 
+bool kl_org_names_flow(const kl_org *o, const char *name, size_t len)
+{
+    return flow_index(o, name, len) >= 0;
+}
+
+/* The flow's number in the org (index + 1), made on first use; 0 when the
+ * org already names KL_ORG_MAX_FLOWS flows (their calls still count in the
+ * totals). The daemon never writes more (kl_usage), so which flows an org
+ * names does not depend on the order its usage is in. */
 static int flow_number(kl_org *o, kl_str name, uint32_t *out)
 {
-    for (uint32_t i = 0; i < o->nflow_names; i++) {
-        if (strlen(o->flow_names[i]) == name.len &&
-            memcmp(o->flow_names[i], name.ptr, name.len) == 0) {
-            *out = i + 1;
-            return KL_OK;
-        }
-    }
-    *out = 0;
-    if (o->nflow_names == MAX_FLOW_NAMES)
+    int64_t i = flow_index(o, name.ptr, name.len);
+    *out = (uint32_t)(i + 1);
+    if (i >= 0 || o->nflow_names == KL_ORG_MAX_FLOWS)
         return KL_OK;
     if (o->nflow_names == o->cap_flow_names) {
         uint32_t cap = o->cap_flow_names ? o->cap_flow_names * 2 : 8;

@@ -276,6 +276,10 @@ kl_role kl_key_role(const kl_key *k);
  * as recorded in the log. */
 uint64_t kl_key_used_since(const kl_key *k, int64_t since);
 /* The org's recorded accepted calls in the day / month holding `now`. */
+/* An organization names at most KL_ORG_MAX_FLOWS flows: calls naming any
+ * other count in the totals only. */
+enum { KL_ORG_MAX_FLOWS = 1024 };
+bool kl_org_names_flow(const kl_org *o, const char *name, size_t len);
 uint64_t kl_org_used_day(const kl_org *o, int64_t now);
 uint64_t kl_org_used_month(const kl_org *o, int64_t now);
 
