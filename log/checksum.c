@@ -49,9 +49,8 @@ static uint32_t crc32c_sw(uint32_t crc, const uint8_t *p, size_t n)
 #if defined(__x86_64__)
 #include <nmmintrin.h>
 __attribute__((target("sse4.2")))
-static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n)
+static uint64_t crc32c_hw1(uint64_t c, const uint8_t *p, size_t n)
 {
-    uint64_t c = crc;
     while (n >= 8) {
         uint64_t v;
         __builtin_memcpy(&v, p, 8);
@@ -63,6 +62,63 @@ static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n)
     while (n--)
         c32 = _mm_crc32_u8(c32, *p++);
     return c32;
+}
+
+/*
+ * A crc32 instruction waits for the one before it, so one stream runs at a
+ * third of what the unit can do. Big buffers (a snapshot is hundreds of
+ * MiB) go as three streams over consecutive LANE-byte lanes, joined by
+ * moving each partial CRC past the lane after it: the CRC register is
+ * linear, so that move is a multiplication by x^(8 LANE), done by byte
+ * with tables made from the CRCs of LANE zero bytes.
+ */
+enum { LANE = 8192 };
+static uint32_t lane_shift[4][256];
+static pthread_once_t lane_once = PTHREAD_ONCE_INIT;
+
+static void lane_shift_init(void)
+{
+    static const uint8_t zeros[LANE];
+    uint32_t bit[32];
+    for (int i = 0; i < 32; i++)
+        bit[i] = (uint32_t)crc32c_hw1(UINT32_C(1) << i, zeros, LANE);
+    for (int k = 0; k < 4; k++)
+        for (int b = 0; b < 256; b++) {
+            uint32_t t = 0;
+            for (int j = 0; j < 8; j++)
+                if ((b >> j) & 1)
+                    t ^= bit[8 * k + j];
+            lane_shift[k][b] = t;
+        }
+}
+
+static uint32_t past_lane(uint32_t c)
+{
+    return lane_shift[0][c & 0xff] ^ lane_shift[1][(c >> 8) & 0xff] ^
+           lane_shift[2][(c >> 16) & 0xff] ^ lane_shift[3][c >> 24];
+}
+
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n)
+{
+    uint64_t c0 = crc;
+    if (n >= 3 * LANE)
+        pthread_once(&lane_once, lane_shift_init);
+    for (; n >= 3 * LANE; p += 3 * LANE, n -= 3 * LANE) {
+        uint64_t c1 = 0, c2 = 0;
+        for (size_t i = 0; i < LANE; i += 8) {
+            uint64_t a, b, c;
+            __builtin_memcpy(&a, p + i, 8);
+            __builtin_memcpy(&b, p + LANE + i, 8);
+            __builtin_memcpy(&c, p + 2 * LANE + i, 8);
+            c0 = _mm_crc32_u64(c0, a);
+            c1 = _mm_crc32_u64(c1, b);
+            c2 = _mm_crc32_u64(c2, c);
+        }
+        c0 = past_lane((uint32_t)c0) ^ (uint32_t)c1;
+        c0 = past_lane((uint32_t)c0) ^ (uint32_t)c2;
+    }
+    return (uint32_t)crc32c_hw1(c0, p, n);
 }
 #endif
 

@@ -444,6 +444,37 @@ static void test_crc32c_vectors(void **state)
                      0xE3069283u);
 }
 
+/* Big buffers take the three-stream path: every length around its blocks
+ * (3 lanes of 8 KiB), from any running CRC, agrees with the table. */
+static void test_crc32c_long_buffers(void **state)
+{
+    (void)state;
+    enum { BLOCK = 3 * 8192, MAX = 5 * BLOCK + 64 };
+    uint8_t *buf = malloc(MAX);
+    assert_non_null(buf);
+    uint64_t x = 0x9e3779b97f4a7c15u;
+    for (size_t i = 0; i < MAX; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf[i] = (uint8_t)x;
+    }
+    const size_t lens[] = {BLOCK - 1, BLOCK, BLOCK + 1, BLOCK + 7, 2 * BLOCK - 8,
+                           2 * BLOCK, 3 * BLOCK + 13, 5 * BLOCK, MAX};
+    for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+        for (size_t off = 0; off < 3; off++) {
+            size_t n = lens[i] - off;
+            uint32_t want = kl_crc32c_portable(0, buf + off, n);
+            assert_int_equal(kl_crc32c(0, buf + off, n), want);
+            /* Split anywhere: the second part continues the first. */
+            size_t cut = n / 3 + off;
+            assert_int_equal(kl_crc32c(kl_crc32c(0, buf + off, cut), buf + off + cut,
+                                       n - cut), want);
+        }
+    }
+    free(buf);
+}
+
 static uint64_t xorshift(uint64_t *x)
 {
     *x ^= *x << 13;
@@ -2377,6 +2408,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_crc32c_vectors),
         cmocka_unit_test(test_crc32c_paths_agree),
+        cmocka_unit_test(test_crc32c_long_buffers),
         T(test_empty_log),
         T(test_write_reopen_replay),
         T(test_frame_rejects_oversized),
