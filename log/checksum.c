@@ -1,13 +1,16 @@
 /*
- * Checksums: CRC-32C (Castagnoli) for record framing, SHA-256 for the hash
- * chain. CRC-32C uses the SSE4.2 instruction where the CPU has it and a
- * table otherwise; both give the same result (tested).
+ * Checksums and randomness: CRC-32C (Castagnoli) for record framing,
+ * SHA-256 for the hash chain and secrets, random bytes for ids and secrets.
+ * CRC-32C uses the SSE4.2 instruction where the CPU has it and a table
+ * otherwise; both give the same result (tested).
  */
 #include "log.h"
 
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <pthread.h>
 #include <openssl/sha.h>
+#include <string.h>
 
 static uint32_t crc_table[8][256];
 static int crc_ready;
@@ -162,4 +165,26 @@ void kl_hex(const uint8_t *p, size_t n, char *out)
         out[2 * i + 1] = hx[p[i] & 15];
     }
     out[2 * n] = '\0';
+}
+
+/* OpenSSL's DRBG checks for a fork on every call (a getpid system call,
+ * dear in a VM: it was one per request on the write path), so bytes are
+ * drawn from it 4 KiB at a time, per thread, and each handed out once and
+ * wiped. keyledger never forks. */
+int kl_random(void *out, size_t n)
+{
+    static _Thread_local uint8_t pool[4096];
+    static _Thread_local size_t left;
+    if (n > sizeof pool)
+        return RAND_bytes(out, (int)n) == 1 ? KL_OK : KL_EIO;
+    if (left < n) {
+        if (RAND_bytes(pool, sizeof pool) != 1)
+            return KL_EIO;
+        left = sizeof pool;
+    }
+    uint8_t *p = pool + sizeof pool - left;
+    memcpy(out, p, n);
+    OPENSSL_cleanse(p, n);
+    left -= n;
+    return KL_OK;
 }

@@ -10,7 +10,6 @@
  */
 #include "log.h"
 
-#include <openssl/rand.h>
 #include <string.h>
 #include <time.h>
 
@@ -38,11 +37,11 @@ int kl_id_new(kl_idgen *g, int64_t now_ms, kl_id *out)
             i--;
         if (i < 0) {            /* 2^80 ids in one ms: take the next ms */
             now_ms = ++g->last_ms;
-            if (RAND_bytes(g->last, sizeof g->last) != 1)
+            if (kl_random(g->last, sizeof g->last) != KL_OK)
                 return KL_EIO;
         }
     } else {
-        if (RAND_bytes(g->last, sizeof g->last) != 1)
+        if (kl_random(g->last, sizeof g->last) != KL_OK)
             return KL_EIO;
         /* Leave room to count up within the millisecond. */
         g->last[0] &= 0x7f;

@@ -134,6 +134,9 @@ int64_t kl_time_next_month(int64_t ms);
 uint32_t kl_crc32c(uint32_t crc, const void *data, size_t len);
 enum { KL_HASH_LEN = 32 };
 void kl_sha256(const void *data, size_t len, uint8_t out[KL_HASH_LEN]);
+/* n bytes from a CSPRNG (OpenSSL's, pooled per thread); KL_EIO if it
+ * cannot be seeded. */
+int kl_random(void *out, size_t n);
 void kl_hex(const uint8_t *p, size_t n, char *out); /* 2n chars + NUL */
 
 /* ---- the event catalogue ---------------------------------------------- */

@@ -6,7 +6,6 @@
  */
 #include "log.h"
 
-#include <openssl/rand.h>
 #include <string.h>
 #include <zlib.h>
 
@@ -52,7 +51,7 @@ int kl_secret_new(const char *prefix, kl_env env, const kl_id *key_id,
     size_t got = 0;
     while (got < KL_SECRET_RANDOM_LEN) {
         uint8_t r[64];
-        if (RAND_bytes(r, sizeof r) != 1)
+        if (kl_random(r, sizeof r) != KL_OK)
             return KL_EIO;
         for (size_t i = 0; i < sizeof r && got < KL_SECRET_RANDOM_LEN; i++)
             if (r[i] < 248)

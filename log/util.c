@@ -110,10 +110,17 @@ void kl_use_huge_pages(char **argv)
     const char *old = getenv("GLIBC_TUNABLES");
     if (old != NULL && strstr(old, "glibc.malloc.hugetlb") != NULL)
         return;
+    /* The file's own path, not /proc/self/exe: the process keeps its name
+     * (ps, pgrep, the kernel's messages). */
+    char self[4096];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0 || (size_t)n >= sizeof self - 1)
+        return;
+    self[n] = '\0';
     kl_buf v = {0};
     if (kl_buf_printf(&v, "%s%s%s", old ? old : "", old ? ":" : "", TUNE) != KL_OK)
         return;
     if (setenv("GLIBC_TUNABLES", v.data, 1) == 0)
-        execv("/proc/self/exe", argv);
+        execv(self, argv);
     kl_buf_free(&v);
 }
