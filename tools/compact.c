@@ -10,7 +10,8 @@
  * after the old head, and it ends with a LogCompacted record that names
  * that head and what was folded. The state it folds to is the old state,
  * except that usage before the cutoff is counted per day rather than per
- * hour (docs/log-format.md, "Compaction").
+ * hour (docs/log-format.md, "Compaction"). When there is nothing to fold,
+ * the log is left as it is and only its snapshot is written.
  *
  * Steps: open the old log as its writer (the lock: not while the daemon
  * runs); read it once checking the whole chain and gathering the daily
@@ -452,6 +453,38 @@ static int build(compact *c, kl_log *old, const char *stage, const kl_logger *lg
     return rc;
 }
 
+/* Whether any key has two usage events or more on a day before the
+ * cutoff: otherwise a rewrite would fold nothing. */
+static bool anything_to_fold(const totals *t)
+{
+    for (size_t i = 0; i < t->len; i++)
+        if (t->items[i].count > 1)
+            return true;
+    return false;
+}
+
+/* Nothing to fold: the log stays as it is, so every seq, hash and audit
+ * cursor stays valid, and only the snapshot of its head is written. */
+static int snapshot_only(compact *c, kl_log *old, const char *data, const kl_logger *lg,
+                         uint64_t *head_seq, uint8_t head_hash[KL_HASH_LEN])
+{
+    *head_seq = kl_log_head_seq(old);
+    kl_log_head_hash(old, head_hash);
+    if (*head_seq == 0)
+        return KL_OK;           /* an empty log has no state to keep */
+    kl_proj *p = NULL;
+    kl_buf out = {0};
+    uint64_t from;
+    int rc = kl_proj_rebuild(&p, old, data, lg, &from, &c->err);
+    if (rc == KL_OK)
+        rc = kl_proj_snapshot(p, &out);
+    if (rc == KL_OK)
+        rc = kl_snapshot_write(data, *head_seq, head_hash, out.data, out.len, &c->err);
+    kl_buf_free(&out);
+    kl_proj_free(p);
+    return rc;
+}
+
 int kl_tool_compact(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -502,11 +535,14 @@ int kl_tool_compact(int argc, char **argv)
         events_before = c.old_head + 1 - kl_log_first_seq(old);
         rc = kl_log_replay(old, 0, true, gather, &c, &c.err);
     }
-    if (rc == KL_OK && (stage = kl_log_compact_prepare(data, &c.err)) == NULL)
+    bool rewrite = rc == KL_OK && anything_to_fold(&c.totals);
+    if (rc == KL_OK && !rewrite)
+        rc = snapshot_only(&c, old, data, &lg, &head_seq, head_hash);
+    if (rewrite && (stage = kl_log_compact_prepare(data, &c.err)) == NULL)
         rc = KL_EIO;
-    if (rc == KL_OK)
+    if (rewrite && rc == KL_OK)
         rc = build(&c, old, stage, &lg, &head_seq, head_hash);
-    if (rc == KL_OK)
+    if (rewrite && rc == KL_OK)
         rc = kl_log_compact_commit(data, &lg, &c.err);
     else if (stage != NULL)
         kl_log_compact_abandon(data);   /* the old log stays the log */
@@ -516,13 +552,14 @@ int kl_tool_compact(int argc, char **argv)
         struct stat st;
         snprintf(snap, sizeof snap, "%s/snapshot-%020" PRIu64 ".kls", data, head_seq);
         uint64_t snap_bytes = stat(snap, &st) == 0 ? (uint64_t)st.st_size : 0;
+        uint64_t events_after = rewrite ? head_seq - c.old_head : events_before;
         printf("{\"events_before\":%" PRIu64 ",\"events_after\":%" PRIu64
                ",\"usage_events_folded\":%" PRIu64 ",\"daily_totals\":%" PRIu64
                ",\"bytes_before\":%" PRIu64 ",\"bytes_after\":%" PRIu64
                ",\"head_seq\":%" PRIu64 ",\"head_hash\":\"%s\""
                ",\"snapshot\":\"snapshot-%020" PRIu64 ".kls\",\"snapshot_bytes\":%" PRIu64
                ",\"seconds\":%.3f}\n",
-               events_before, head_seq - c.old_head, c.folded,
+               events_before, events_after, c.folded,
                c.written_totals, before_bytes, segments_bytes(data), head_seq, hex,
                head_seq, snap_bytes,
                (double)((uint64_t)kl_now_ms() - c.started_ms) / 1000.0);

@@ -91,9 +91,14 @@ def compact(data, *args):
     if "snapshot_bytes" in out:
         eq(out["snapshot_bytes"], os.path.getsize(os.path.join(data, out["snapshot"])),
            "snapshot_bytes")
-    eq(out["events_after"], out["events_before"] - out["usage_events_folded"] +
-       out["daily_totals"] + 1, "events_after = before - folded + daily totals + "
-       "the LogCompacted event")
+    if out["usage_events_folded"] == 0:
+        eq(out["events_after"], out["events_before"], "nothing to fold: the log "
+           "is left as it is")
+        eq(out["daily_totals"], 0, "nothing to fold: no daily totals")
+    else:
+        eq(out["events_after"], out["events_before"] - out["usage_events_folded"] +
+           out["daily_totals"] + 1, "events_after = before - folded + daily totals "
+           "+ the LogCompacted event")
     return out
 
 
@@ -626,16 +631,21 @@ def test_default_retention_folds_nothing():
     pinned, old = walk(env, info, ranges, hour=True)
     old_events = replay(env.data)
     env.daemon.kill9()
+    segments = {n: open(os.path.join(env.data, n), "rb").read()
+                for n in h.segment_names(env.data)}
     s = compact(env.data)
     eq(s["usage_events_folded"], 0, "usage events folded with 90 days' retention")
     eq(s["daily_totals"], 0, "daily totals")
-    eq(s["events_after"], s["events_before"] + 1, "events after (+ LogCompacted)")
-    eq(s["head_seq"], pinned["seq"] + s["events_after"], "head_seq")
-    new_events = replay(env.data)
-    eq([stripped_event(e) for e in new_events[:-1]],
-       [stripped_event(e) for e in old_events], "every event kept, usage included")
-    check_compacted_event(new_events[-1], pinned["seq"], pinned["hash"], s)
+    # Nothing to fold: the log is not rewritten (every seq, hash and audit
+    # cursor stays good); only the snapshot of its head is written.
+    eq((s["head_seq"], s["head_hash"]), (pinned["seq"], pinned["hash"]), "the head")
+    eq({n: open(os.path.join(env.data, n), "rb").read()
+        for n in h.segment_names(env.data)}, segments, "the segments, byte for byte")
+    eq(replay(env.data), old_events, "every event, with its seq and hash")
+    check(os.path.exists(os.path.join(env.data, s["snapshot"])), "the snapshot")
     env.start()
+    check("loaded the snapshot of seq %d" % pinned["seq"] in env.daemon.stderr_text(),
+          "the start uses it: " + env.daemon.stderr_text())
     same_views(walk(env, info, ranges, hour=True)[1], old,
                "after a compaction that folded nothing")
     env.daemon.kill9()
@@ -818,17 +828,13 @@ def test_daemon_goes_on_after_compaction():
     eq(len(comp), 2, "LogCompacted events after two compactions")
     check_compacted_event(comp[0], first["seq"], first["hash"])
     check_compacted_event(comp[1], pinned["seq"], pinned["hash"], s2)
-    # At once again: through the second compaction's head exactly.
-    usage2 = [stripped_event(e) for e in events if e["type"] == "UsageRecorded"]
+    # At once again: one usage event per key and day already, nothing to
+    # fold, so the log is left as it is.
     s3 = compact(env.data, "--usage-retention-days", "0")
-    # One usage event per key and day already: each folds to itself.
-    eq(s3["usage_events_folded"], s3["daily_totals"], "usage folded again")
-    events = replay(env.data)
-    eq([stripped_event(e) for e in events if e["type"] == "UsageRecorded"], usage2,
-       "usage events after compacting a compacted log again")
-    comp = last_compacted(events)
-    eq(len(comp), 3, "LogCompacted events after three compactions")
-    check_compacted_event(comp[2], s2["head_seq"], s2["head_hash"], s3)
+    eq(s3["usage_events_folded"], 0, "usage folded again")
+    eq((s3["head_seq"], s3["head_hash"]), (s2["head_seq"], s2["head_hash"]),
+       "the head after compacting a compacted log again")
+    eq(replay(env.data), events, "the events after compacting a compacted log again")
     h.verify_ok(env.data)
     env.start()
     c = env.client()
@@ -1189,21 +1195,19 @@ def test_crash_at_each_step():
         h.verify_ok(data)
         h.remove_tree(root)
         # (c) Compacting again after the crash works and ends in the new
-        # state (one more LogCompacted if the first one had committed).
+        # state (after the commit there is nothing left to fold: the
+        # finished switch is the log, left as it is).
         root, data = h.copy_data(env.data, tag="kl-e2e-crash-")
         rc, err = _compact_killed_at(lib, data, n)
         eq(rc, -9, "%s (again)" % what)
         s = compact(data, "--usage-retention-days", "0")
         comp = last_compacted(replay(data))
-        eq(len(comp), 2 if switched else 1, "%s, compacted again: LogCompacted "
-           "events" % what)
-        eq(comp[0]["data"]["through_seq"], old_head["seq"], "%s: the first "
-           "compaction's through_seq" % what)
-        if switched:
-            eq(comp[1]["data"]["through_seq"], new_head["seq"], "%s: the second "
-               "compaction's through_seq" % what)
-        else:
-            eq(s["head_seq"], new_head["seq"], "%s: the head compacted again" % what)
+        eq(len(comp), 1, "%s, compacted again: LogCompacted events" % what)
+        eq(comp[0]["data"]["through_seq"], old_head["seq"], "%s: the compaction's "
+           "through_seq" % what)
+        eq(s["usage_events_folded"] == 0, switched, "%s: folded again only if the "
+           "first never committed" % what)
+        eq(s["head_seq"], new_head["seq"], "%s: the head compacted again" % what)
         got_head, got, d = _crash_views(data, info, ranges, env.key)
         d.kill9()
         same_views(got, new, "%s, compacted again: the new state" % what)
