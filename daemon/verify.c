@@ -197,7 +197,7 @@ static size_t answer(char *buf, size_t len, outcome v, const kl_key *k,
             for (uint32_t i = 0; i < k->nflows; i++) {
                 if (i > 0)
                     put(&w, ",", 1);
-                json_str(&w, k->flows[i]);
+                json_str(&w, kl_key_flow(k, i));
             }
             put(&w, "]", 1);
         }
@@ -229,8 +229,8 @@ typedef struct request {
 static bool flow_allowed(const kl_key *k, kl_str flow)
 {
     for (uint32_t i = 0; i < k->nflows; i++)
-        if (strlen(k->flows[i]) == flow.len &&
-            memcmp(k->flows[i], flow.ptr, flow.len) == 0)
+        if (strlen(kl_key_flow(k, i)) == flow.len &&
+            memcmp(kl_key_flow(k, i), flow.ptr, flow.len) == 0)
             return true;
     return false;
 }

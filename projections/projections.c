@@ -387,24 +387,28 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
  * and the kept old ones, so a failed allocation leaves the key as it was. */
 int kl_p_key_settings(kl_key *k, const kl_event *ev)
 {
+    bool had = k->strings != NULL;
+    const char *old_name = had ? kl_key_name(k) : "";
+    const char *old_desc = had ? kl_key_description(k) : "";
     kl_str name = ev->has & KL_F_NAME ? ev->name
-                  : (kl_str){k->name, k->name ? (uint32_t)strlen(k->name) : 0};
+                  : (kl_str){old_name, (uint32_t)strlen(old_name)};
     kl_str desc = ev->has & KL_F_DESCRIPTION ? ev->description
-                  : (kl_str){k->description,
-                             k->description ? (uint32_t)strlen(k->description) : 0};
+                  : (kl_str){old_desc, (uint32_t)strlen(old_desc)};
     bool new_flows = (ev->has & KL_F_ACCESS) != 0;
     uint32_t nflows = new_flows ? ev->nflows : k->nflows;
     size_t size = nflows * sizeof(char *) + name.len + 1 + desc.len + 1;
     for (uint32_t i = 0; i < nflows; i++)
-        size += (new_flows ? ev->flows[i].len : strlen(k->flows[i])) + 1;
+        size += (new_flows ? ev->flows[i].len : strlen(kl_key_flow(k, i))) + 1;
+    if (size > UINT32_MAX)
+        return KL_EINVAL;
     char *blob = malloc(size);
     if (blob == NULL)
         return KL_ENOMEM;
-    char **flows = nflows ? (char **)blob : NULL;
+    char **flows = (char **)(void *)blob;
     char *at = blob + nflows * sizeof(char *);
     for (uint32_t i = 0; i < nflows; i++) {
-        kl_str f = new_flows ? ev->flows[i]
-                             : (kl_str){k->flows[i], (uint32_t)strlen(k->flows[i])};
+        const char *old = new_flows ? NULL : kl_key_flow(k, i);
+        kl_str f = new_flows ? ev->flows[i] : (kl_str){old, (uint32_t)strlen(old)};
         flows[i] = at;
         memcpy(at, f.ptr, f.len);
         at[f.len] = '\0';
@@ -420,9 +424,7 @@ int kl_p_key_settings(kl_key *k, const kl_event *ev)
 
     free(k->strings);
     k->strings = blob;
-    k->name = n;
-    k->description = dsc;
-    k->flows = flows;
+    k->name_off = (uint32_t)(n - blob);
     k->nflows = nflows;
     if (new_flows)
         k->access = ev->access;

@@ -14,6 +14,7 @@
 #define KL_PROJECTIONS_H
 
 #include <jansson.h>
+#include <string.h>
 
 #include "log.h"
 
@@ -122,10 +123,9 @@ typedef struct kl_key {
     kl_ref created_by;
     kl_org *org;
     void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
-    char *name;                 /* name, description and flows point into */
-    char *description;          /* `strings`, one allocation */
-    char *strings;
-    char **flows;
+    char *strings;              /* one allocation: nflows flow pointers, the
+                                   flow names, the name, the description
+                                   (kl_key_name and friends below) */
     kl_usage_series *usage;     /* NULL until used */
     kl_key_grace *grace;        /* NULL: the old secret no longer works */
     kl_key_revocation *revocation; /* NULL unless revoked */
@@ -133,7 +133,6 @@ typedef struct kl_key {
     int64_t expires_at;         /* 0 = never */
     int64_t rotated_at;         /* created or last regenerated */
     int64_t last_used_at;       /* 0 = never */
-    uint64_t version;
     uint8_t hash[KL_HASH_LEN];  /* SHA-256 of the current secret */
     char prefix[20];            /* the display prefix: the secret's first
                                    16 characters (longer only if an event
@@ -144,8 +143,28 @@ typedef struct kl_key {
     uint32_t rl_minute, rl_day; /* 0 = no limit */
     uint32_t usage_slot;        /* the daemon's usage entry + 1;
                                    not state: the fold never reads it */
+    uint32_t name_off;          /* where the name starts in `strings` */
+    uint32_t version;
     bool revoked, deleted;
 } kl_key;
+
+/* A key's texts, from its one allocation (a million keys: 32 bytes each
+ * saved over keeping a pointer to each, and the struct fits malloc's
+ * 240-byte size class). */
+static inline const char *kl_key_name(const kl_key *k)
+{
+    return k->strings + k->name_off;
+}
+static inline const char *kl_key_description(const kl_key *k)
+{
+    const char *n = kl_key_name(k);
+    return n + strlen(n) + 1;
+}
+/* The flows of a key with access "flows" (nflows of them). */
+static inline const char *kl_key_flow(const kl_key *k, uint32_t i)
+{
+    return ((char *const *)(void *)k->strings)[i];
+}
 
 /* Resources owned by principals (the Factory public API's computers and
  * sessions), each attributed to the principal that created it. */

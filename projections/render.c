@@ -54,8 +54,8 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
     json_t *o = json_object();
     json_object_set_new(o, "id", kl_json_id(KL_ID_KEY, &k->id));
     json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &k->org->id));
-    json_object_set_new(o, "name", json_string(k->name));
-    json_object_set_new(o, "description", json_string(k->description));
+    json_object_set_new(o, "name", json_string(kl_key_name(k)));
+    json_object_set_new(o, "description", json_string(kl_key_description(k)));
     json_object_set_new(o, "prefix", json_string(prefix));
     json_object_set_new(o, "environment", json_string(kl_env_name(k->env)));
     json_object_set_new(o, "owner", principal(&k->owner));
@@ -64,7 +64,7 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
     if (k->access == KL_ACCESS_FLOWS) {
         json_t *flows = json_array();
         for (uint32_t i = 0; i < k->nflows; i++)
-            json_array_append_new(flows, json_string(k->flows[i]));
+            json_array_append_new(flows, json_string(kl_key_flow(k, i)));
         json_object_set_new(perm, "flows", flows);
     }
     json_object_set_new(o, "permissions", perm);

@@ -82,14 +82,14 @@ static void write_key(wr *w, const kl_key *k)
     w_id(w, &k->org->id);
     w_ref(w, &k->owner);
     w_ref(w, &k->created_by);
-    w_s(w, k->name);
-    w_s(w, k->description);
+    w_s(w, kl_key_name(k));
+    w_s(w, kl_key_description(k));
     w_s(w, k->prefix);
     w_u(w, (uint64_t)k->env);
     w_u(w, (uint64_t)k->access);
     w_arr(w, k->nflows);
     for (uint32_t i = 0; i < k->nflows; i++)
-        w_s(w, k->flows[i]);
+        w_s(w, kl_key_flow(k, i));
     w_u(w, k->rl_minute);
     w_u(w, k->rl_day);
     w_i(w, k->created_at);
@@ -720,7 +720,7 @@ static void load_key(loader *l)
     k->expires_at = r_i(r);
     k->rotated_at = r_i(r);
     k->last_used_at = r_i(r);
-    k->version = r_u(r, UINT64_MAX);
+    k->version = (uint32_t)r_u(r, UINT32_MAX);
     r_fixed(r, k->hash, KL_HASH_LEN);
     bool none;
     if (r->p < r->end && *r->p == 0xc0) {

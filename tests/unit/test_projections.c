@@ -221,10 +221,10 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
                   "prefix=[%s] env=%d access=%d flows=%u",
                   idtxt(&k->id, a), idtxt(&k->org->id, c), k->owner.type,
                   idtxt(&k->owner.id, d), k->created_by.type,
-                  idtxt(&k->created_by.id, e), k->name, k->description,
+                  idtxt(&k->created_by.id, e), kl_key_name(k), kl_key_description(k),
                   k->prefix, k->env, k->access, k->nflows);
     for (uint32_t i = 0; i < k->nflows; i++)
-        kl_buf_printf(b, " [%s]", k->flows[i]);
+        kl_buf_printf(b, " [%s]", kl_key_flow(k, i));
     kl_buf_printf(b, " rl=%u/%u at=%lld/%lld exp=%lld used=%lld hash=%s old=%s "
                   "until=%lld revoked=%d deleted=%d revoked_at=%lld "
                   "revoked_by=%d:%s comment=[%s] v=%llu\n",
@@ -432,14 +432,14 @@ static void test_key_lifecycle(void **state)
     assert_ptr_equal(k->owner_ptr, u);
     assert_int_equal(k->created_by.type, KL_PRINCIPAL_USER);
     assert_true(kl_id_eq(&k->created_by.id, &uid));
-    assert_string_equal(k->name, "deploy");
-    assert_string_equal(k->description, "");
+    assert_string_equal(kl_key_name(k), "deploy");
+    assert_string_equal(kl_key_description(k), "");
     assert_string_equal(k->prefix, "kl_live_01234567");
     assert_int_equal(k->env, KL_ENV_LIVE);
     assert_int_equal(k->access, KL_ACCESS_FLOWS);
     assert_int_equal(k->nflows, 2);
-    assert_string_equal(k->flows[0], "billing.read");
-    assert_string_equal(k->flows[1], "billing.write");
+    assert_string_equal(kl_key_flow(k, 0), "billing.read");
+    assert_string_equal(kl_key_flow(k, 1), "billing.write");
     assert_int_equal(k->rl_minute, 10);
     assert_int_equal(k->rl_day, 1000);
     assert_int_equal(k->expires_at, expiry);
@@ -469,10 +469,10 @@ static void test_key_lifecycle(void **state)
     ev.rl_day = 50;
     ev.expires_at = 0;
     apply_ok(w, &ev);
-    assert_string_equal(k->name, "deploy (prod)");
-    assert_string_equal(k->description, "");
+    assert_string_equal(kl_key_name(k), "deploy (prod)");
+    assert_string_equal(kl_key_description(k), "");
     assert_int_equal(k->nflows, 1);
-    assert_string_equal(k->flows[0], "deploy.run");
+    assert_string_equal(kl_key_flow(k, 0), "deploy.run");
     assert_int_equal(k->rl_minute, 0);
     assert_int_equal(k->rl_day, 50);
     assert_int_equal(k->expires_at, 0);
@@ -486,8 +486,8 @@ static void test_key_lifecycle(void **state)
     ev.has |= KL_F_DESCRIPTION;
     ev.description = S("ships builds");
     apply_ok(w, &ev);
-    assert_string_equal(k->name, "deploy (prod)");
-    assert_string_equal(k->description, "ships builds");
+    assert_string_equal(kl_key_name(k), "deploy (prod)");
+    assert_string_equal(kl_key_description(k), "ships builds");
     assert_int_equal(k->access, KL_ACCESS_FLOWS);
     assert_int_equal(k->nflows, 1);
     assert_int_equal(k->rl_day, 50);
