@@ -18,7 +18,8 @@
 # back by wrk or by someone else on the machine).
 # KL_BENCH_PERF=1 then profiles keyledgerd (the big org, one key) under the
 # same load with `perf record -g` (KL_BENCH_PERF_CG=dwarf for user-space call
-# graphs) for PERF_SECS seconds and prints the top symbols.
+# graphs) for PERF_SECS seconds and prints the top symbols; KL_BENCH_PERF=spread
+# profiles the big org with the keys spread instead.
 . "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-10}
@@ -239,13 +240,15 @@ summary "verify, one key" ngx sm bg
 [ "$SPREAD" -gt 0 ] && summary "verify, $SPREAD keys spread over the org" ngxS smS bgS
 
 # ---- optional: where keyledgerd's time goes --------------------------------
-if [ "${KL_BENCH_PERF:-0}" = 1 ]; then
+if [ "${KL_BENCH_PERF:-0}" != 0 ]; then
+  perf_lua=$BENCH_TMP/big.lua; perf_what="one key"
+  [ "$KL_BENCH_PERF" = spread ] && perf_lua=$BENCH_TMP/big-spread.lua && perf_what="$SPREAD keys spread"
   if ! command -v perf >/dev/null; then
     echo "KL_BENCH_PERF=1 but perf is not installed: no profile" >&2
   else
     cg=(-g); [ -n "${KL_BENCH_PERF_CG:-}" ] && cg=(--call-graph "$KL_BENCH_PERF_CG")
-    echo "profiling keyledgerd ($BIG keys, one key) for ${PERF_SECS}s under the same load..."
-    run_wrk perf "$(url "$bport")" "$BENCH_TMP/big.lua" "$bpid" $((PERF_SECS + 3)) >/dev/null &
+    echo "profiling keyledgerd ($BIG keys, $perf_what) for ${PERF_SECS}s under the same load..."
+    run_wrk perf "$(url "$bport")" "$perf_lua" "$bpid" $((PERF_SECS + 3)) >/dev/null &
     wrk_job=$!
     sleep 1
     "${CLI[@]}" perf record -q "${cg[@]}" -o "$BENCH_TMP/perf.data" -p "$bpid" -- sleep "$PERF_SECS" \
