@@ -813,8 +813,31 @@ cleanup:
     return rc;
 }
 
+static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
+                    uint64_t *first_used, kl_err *err);
+
+/*
+ * A reader without the lock can lose a race with a compaction: it reads the
+ * MANIFEST, the switch then replaces it and deletes the segments it named.
+ * What looks like a missing segment is then a log that moved on: when the
+ * MANIFEST names another first segment than the one the open used, the
+ * open starts over (a few times: compactions are minutes apart).
+ */
 int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
                 kl_err *err)
+{
+    for (int attempt = 0;; attempt++) {
+        uint64_t used = 0, first, last;
+        kl_err again = {0};
+        int rc = log_open(out, cfg, rec, &used, err);
+        if (rc == KL_OK || !cfg->read_only || attempt == 3 || used == 0 ||
+            read_manifest(cfg->dir, &first, &last, &again) != KL_OK || first == used)
+            return rc;
+    }
+}
+
+static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
+                    uint64_t *first_used, kl_err *err)
 {
     int rc;
     uint64_t first, last;
@@ -836,6 +859,7 @@ int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
         (rc = compaction_leftovers(log->dir, !cfg->read_only, cfg->logger, err)) != KL_OK ||
         (rc = read_manifest(log->dir, &first, &last, err)) != KL_OK)
         goto cleanup;
+    *first_used = first;
     if ((rc = list_segments(log, first, last, err)) != KL_OK)
         goto cleanup;
 
