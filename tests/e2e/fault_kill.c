@@ -179,58 +179,45 @@ int ftruncate(int fd, off_t len)
     return REAL("ftruncate", int (*)(int, off_t))(fd, len);
 }
 
+/* The open family: a step only when it may create a file. The mode is
+ * there only with O_CREAT or O_TMPFILE (va_start must be in the function
+ * itself, hence a macro). */
+#define OPEN_STEP(name, path, flags, mode)                                   \
+    do {                                                                     \
+        if (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE) {     \
+            va_list ap;                                                      \
+            va_start(ap, flags);                                             \
+            mode = (mode_t)va_arg(ap, int);                                  \
+            va_end(ap);                                                      \
+        }                                                                    \
+        if ((flags) & O_CREAT)                                               \
+            step(name, path, NULL);                                          \
+    } while (0)
+
 int open(const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = (mode_t)va_arg(ap, int);
-        va_end(ap);
-    }
-    if (flags & O_CREAT)
-        step("open", path, NULL);
+    OPEN_STEP("open", path, flags, mode);
     return REAL("open", int (*)(const char *, int, ...))(path, flags, mode);
-}
-
-int openat(int dir, const char *path, int flags, ...)
-{
-    mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = (mode_t)va_arg(ap, int);
-        va_end(ap);
-    }
-    if (flags & O_CREAT)
-        step("openat", path, NULL);
-    return REAL("openat", int (*)(int, const char *, int, ...))(dir, path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = (mode_t)va_arg(ap, int);
-        va_end(ap);
-    }
-    if (flags & O_CREAT)
-        step("open64", path, NULL);
+    OPEN_STEP("open64", path, flags, mode);
     return REAL("open64", int (*)(const char *, int, ...))(path, flags, mode);
+}
+
+int openat(int dir, const char *path, int flags, ...)
+{
+    mode_t mode = 0;
+    OPEN_STEP("openat", path, flags, mode);
+    return REAL("openat", int (*)(int, const char *, int, ...))(dir, path, flags, mode);
 }
 
 int openat64(int dir, const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = (mode_t)va_arg(ap, int);
-        va_end(ap);
-    }
-    if (flags & O_CREAT)
-        step("openat64", path, NULL);
+    OPEN_STEP("openat64", path, flags, mode);
     return REAL("openat64", int (*)(int, const char *, int, ...))(dir, path, flags, mode);
 }
