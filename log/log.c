@@ -54,13 +54,16 @@
  * between segments; the full chain (every prev against the hash of the
  * record before) is checked by kl_log_verify, which `keyledger verify` runs.
  *
+ * Snapshots (snapshot.c) and the switch to a compacted log (compact.c) live
+ * beside the segments; log/internal.h is what the three files share.
+ *
  * Writing: kl_log_frame builds records in memory and advances the head;
  * kl_log_write puts a batch at the end of the last segment with pwrite and
  * syncs it. A failed or short write is cut back so the file ends on a record
  * boundary again. A failed fsync makes the log read-only for good: the
  * kernel may have dropped the dirty pages, so a later fsync proves nothing.
  */
-#include "log.h"
+#include "internal.h"
 
 #include <dirent.h>
 #include <stdarg.h>
@@ -120,25 +123,6 @@ static void err_where(kl_err *err, const char *seg, uint64_t offset,
     err->offset = offset;
 }
 
-static void put_u32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
-}
-static void put_u64(uint8_t *p, uint64_t v)
-{
-    put_u32(p, (uint32_t)v);
-    put_u32(p + 4, (uint32_t)(v >> 32));
-}
-static uint32_t get_u32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-static uint64_t get_u64(const uint8_t *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
 static uint64_t get_be64(const uint8_t *p)
 {
     uint64_t v = 0;
@@ -147,12 +131,12 @@ static uint64_t get_be64(const uint8_t *p)
     return v;
 }
 
-static void segment_name(uint64_t first_seq, char out[32])
+void kl_segment_name(uint64_t first_seq, char out[32])
 {
     snprintf(out, 32, "%020" PRIu64 ".log", first_seq);
 }
 
-static char *path_join(const char *dir, const char *name)
+char *kl_path_join(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;
     char *p = malloc(n);
@@ -161,7 +145,7 @@ static char *path_join(const char *dir, const char *name)
     return p;
 }
 
-static int write_all(int fd, const void *p, size_t n, off_t off)
+int kl_write_all(int fd, const void *p, size_t n, off_t off)
 {
     const char *c = p;
     while (n > 0) {
@@ -180,7 +164,7 @@ static int write_all(int fd, const void *p, size_t n, off_t off)
     return KL_OK;
 }
 
-static int fsync_dir(const char *dir)
+int kl_fsync_dir(const char *dir)
 {
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
@@ -192,14 +176,14 @@ static int fsync_dir(const char *dir)
 
 /* Writes `head` then `body` as file `name` in dir: temp, fsync, rename,
  * fsync the dir, so the file is either whole or not there. */
-static int write_file_atomic(const char *dir, const char *name, const void *head,
+int kl_write_file_atomic(const char *dir, const char *name, const void *head,
                              size_t head_len, const void *body, size_t body_len,
                              kl_err *err)
 {
     int rc = KL_EIO, fd = -1;
     char tmpname[64];
     snprintf(tmpname, sizeof tmpname, "%s.tmp", name);
-    char *tmp = path_join(dir, tmpname), *dst = path_join(dir, name);
+    char *tmp = kl_path_join(dir, tmpname), *dst = kl_path_join(dir, name);
     if (tmp == NULL || dst == NULL) {
         rc = KL_ENOMEM;
         goto cleanup;
@@ -209,14 +193,14 @@ static int write_file_atomic(const char *dir, const char *name, const void *head
         kl_err_set(err, "create %s: %s", tmp, strerror(errno));
         goto cleanup;
     }
-    rc = write_all(fd, head, head_len, 0);
+    rc = kl_write_all(fd, head, head_len, 0);
     if (rc == KL_OK && body_len > 0)
-        rc = write_all(fd, body, body_len, (off_t)head_len);
+        rc = kl_write_all(fd, body, body_len, (off_t)head_len);
     if (rc != KL_OK) {
         kl_err_set(err, "write %s: %s", tmp, strerror(errno));
         goto cleanup;
     }
-    if (fsync(fd) != 0 || rename(tmp, dst) != 0 || fsync_dir(dir) != KL_OK) {
+    if (fsync(fd) != 0 || rename(tmp, dst) != 0 || kl_fsync_dir(dir) != KL_OK) {
         kl_err_set(err, "replace %s: %s", dst, strerror(errno));
         rc = KL_EIO;
         goto cleanup;
@@ -236,17 +220,17 @@ static int write_manifest(const char *dir, uint64_t first, uint64_t last,
                           kl_err *err)
 {
     char a[32], b[32], text[160];
-    segment_name(first, a);
-    segment_name(last, b);
+    kl_segment_name(first, a);
+    kl_segment_name(last, b);
     int n = snprintf(text, sizeof text, "keyledger-manifest 1\nfirst %s\nlast %s\n",
                      a, b);
-    return write_file_atomic(dir, "MANIFEST", text, (size_t)n, NULL, 0, err);
+    return kl_write_file_atomic(dir, "MANIFEST", text, (size_t)n, NULL, 0, err);
 }
 
-static int read_manifest(const char *dir, uint64_t *first, uint64_t *last,
+int kl_read_manifest(const char *dir, uint64_t *first, uint64_t *last,
                          kl_err *err)
 {
-    char *path = path_join(dir, "MANIFEST");
+    char *path = kl_path_join(dir, "MANIFEST");
     if (path == NULL)
         return KL_ENOMEM;
     FILE *fp = fopen(path, "re");
@@ -292,8 +276,8 @@ static int segment_create(const char *dir, uint64_t first_seq,
     uint8_t h[HEADER_SIZE];
     char name[32];
     header_build(h, first_seq, prev);
-    segment_name(first_seq, name);
-    return write_file_atomic(dir, name, h, sizeof h, NULL, 0, err);
+    kl_segment_name(first_seq, name);
+    return kl_write_file_atomic(dir, name, h, sizeof h, NULL, 0, err);
 }
 
 /* ---- reading segments -------------------------------------------------- */
@@ -306,8 +290,8 @@ typedef struct mapped {
 static int segment_map(const char *dir, uint64_t first_seq, mapped *m, kl_err *err)
 {
     char name[32];
-    segment_name(first_seq, name);
-    char *path = path_join(dir, name);
+    kl_segment_name(first_seq, name);
+    char *path = kl_path_join(dir, name);
     if (path == NULL)
         return KL_ENOMEM;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -439,13 +423,13 @@ static int segs_push(kl_log *log, uint64_t first)
     return KL_OK;
 }
 
-static bool parse_segment_name(const char *n, uint64_t *first)
+bool kl_segment_file(const char *n, uint64_t *first)
 {
     if (strlen(n) != 24 || strcmp(n + 20, ".log") != 0)
         return false;
     uint64_t v = 0;
     for (int i = 0; i < 20; i++) {
-        if (n[i] < '0' || n[i] > '9')
+        if (n[i] < '0' || n[i] > '9' || v > (UINT64_MAX - 9) / 10)
             return false;
         v = v * 10 + (uint64_t)(n[i] - '0');
     }
@@ -464,7 +448,7 @@ static int list_segments(kl_log *log, uint64_t first, uint64_t last, kl_err *err
     struct dirent *de;
     while (rc == KL_OK && (de = readdir(d)) != NULL) {
         uint64_t s;
-        if (parse_segment_name(de->d_name, &s) && s >= first) {
+        if (kl_segment_file(de->d_name, &s) && s >= first) {
             if (log->nsegs >= MAX_SEGMENTS) {
                 kl_err_set(err, "more than %d segments in %s", MAX_SEGMENTS,
                            log->dir);
@@ -480,204 +464,19 @@ static int list_segments(kl_log *log, uint64_t first, uint64_t last, kl_err *err
     qsort(log->segs, log->nsegs, sizeof *log->segs, cmp_seg);
     if (log->nsegs == 0 || log->segs[0].first_seq != first) {
         char name[32];
-        segment_name(first, name);
+        kl_segment_name(first, name);
         kl_err_set(err, "segment %s named in MANIFEST is missing from %s", name,
                    log->dir);
         return KL_ECORRUPT;
     }
     if (log->segs[log->nsegs - 1].first_seq < last) {
         char name[32];
-        segment_name(last, name);
+        kl_segment_name(last, name);
         kl_err_set(err, "segment %s named in MANIFEST is missing from %s", name,
                    log->dir);
         return KL_ECORRUPT;
     }
     return KL_OK;
-}
-
-/* ---- compaction: switching to a rewritten log -------------------------- */
-
-/*
- * `keyledger compact` builds the new log whole in DATA/compact.tmp: segments
- * numbered on from the old head and chained to it (so no name can collide
- * with an old segment), a snapshot and a MANIFEST. Renaming that directory
- * to DATA/compact.ready is the commit: before it the old log is the log,
- * after it the new one is. kl_log_compact_finish then moves the new
- * MANIFEST in (from then on the old segments are outside the log: they are
- * before its first seq), moves the new segments and snapshot in, deletes
- * the old segments and snapshots, and removes the directory. Every step can
- * be run again, so whoever next opens the dir as its writer finishes a
- * compaction a crash interrupted; readers without the lock refuse until
- * then. A compact.tmp left by a crash before the commit is thrown away.
- */
-#define COMPACT_TMP "compact.tmp"
-#define COMPACT_READY "compact.ready"
-
-static bool snapshot_file(const char *name, uint64_t *seq);
-
-/* Deletes the plain files in dir, then dir itself. */
-static int remove_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return errno == ENOENT ? KL_OK : KL_EIO;
-    struct dirent *e;
-    int rc = KL_OK;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
-            rc = KL_EIO;
-    }
-    closedir(d);
-    if (rc == KL_OK && rmdir(dir) != 0 && errno != ENOENT)
-        rc = KL_EIO;
-    return rc;
-}
-
-char *kl_log_compact_prepare(const char *data, kl_err *err)
-{
-    char *dir = path_join(data, COMPACT_TMP);
-    if (dir == NULL)
-        return NULL;
-    if (remove_dir(dir) != KL_OK || mkdir(dir, 0700) != 0) {
-        kl_err_set(err, "make %s: %s", dir, strerror(errno));
-        free(dir);
-        return NULL;
-    }
-    return dir;
-}
-
-void kl_log_compact_abandon(const char *data)
-{
-    char *dir = path_join(data, COMPACT_TMP);
-    if (dir != NULL)
-        remove_dir(dir);
-    free(dir);
-}
-
-int kl_log_compact_commit(const char *data, const kl_logger *lg, kl_err *err)
-{
-    char *tmp = path_join(data, COMPACT_TMP), *ready = path_join(data, COMPACT_READY);
-    int rc = KL_ENOMEM;
-    if (tmp != NULL && ready != NULL) {
-        rc = KL_OK;
-        if (fsync_dir(tmp) != KL_OK || rename(tmp, ready) != 0 ||
-            fsync_dir(data) != KL_OK) {
-            kl_err_set(err, "commit %s: %s", ready, strerror(errno));
-            rc = KL_EIO;
-        }
-    }
-    free(tmp);
-    free(ready);
-    return rc == KL_OK ? kl_log_compact_finish(data, lg, err) : rc;
-}
-
-/* Moves (when `move`) or deletes each segment and snapshot file of `from`
- * that is (move) at or past / (delete) before `first`. */
-static int sweep(const char *from, const char *data, uint64_t first, bool move,
-                 kl_err *err)
-{
-    DIR *d = opendir(from);
-    if (d == NULL) {
-        kl_err_set(err, "open %s: %s", from, strerror(errno));
-        return KL_EIO;
-    }
-    struct dirent *e;
-    int rc = KL_OK;
-    while (rc == KL_OK && (e = readdir(d)) != NULL) {
-        uint64_t s;
-        if (!parse_segment_name(e->d_name, &s) && !snapshot_file(e->d_name, &s))
-            continue;
-        if (move != (s >= first))
-            continue;
-        char *src = path_join(from, e->d_name), *dst = path_join(data, e->d_name);
-        if (src == NULL || dst == NULL)
-            rc = KL_ENOMEM;
-        else if (move ? rename(src, dst) != 0 : (unlink(src) != 0 && errno != ENOENT)) {
-            kl_err_set(err, "%s %s: %s", move ? "move" : "delete", src, strerror(errno));
-            rc = KL_EIO;
-        }
-        free(src);
-        free(dst);
-    }
-    closedir(d);
-    return rc;
-}
-
-static int read_manifest(const char *dir, uint64_t *first, uint64_t *last,
-                         kl_err *err);
-
-int kl_log_compact_finish(const char *data, const kl_logger *lg, kl_err *err)
-{
-    char *ready = path_join(data, COMPACT_READY);
-    char *manifest = path_join(ready ? ready : "", "MANIFEST");
-    char *live = path_join(data, "MANIFEST");
-    int rc = KL_ENOMEM;
-    uint64_t first, last;
-    if (ready == NULL || manifest == NULL || live == NULL)
-        goto cleanup;
-    rc = KL_OK;
-    if (access(ready, F_OK) != 0)
-        goto cleanup;               /* nothing to finish */
-    KL_LOGF(lg, KL_INFO, "switching %s to its compacted log", data);
-    if (access(manifest, F_OK) == 0 &&
-        (rename(manifest, live) != 0 || fsync_dir(data) != KL_OK)) {
-        kl_err_set(err, "move %s: %s", manifest, strerror(errno));
-        rc = KL_EIO;
-        goto cleanup;
-    }
-    if ((rc = read_manifest(data, &first, &last, err)) != KL_OK ||
-        (rc = sweep(ready, data, first, true, err)) != KL_OK)
-        goto cleanup;
-    if (fsync_dir(data) != KL_OK) {
-        kl_err_set(err, "fsync %s: %s", data, strerror(errno));
-        rc = KL_EIO;
-        goto cleanup;
-    }
-    if ((rc = sweep(data, data, first, false, err)) != KL_OK)
-        goto cleanup;
-    if (remove_dir(ready) != KL_OK || fsync_dir(data) != KL_OK) {
-        kl_err_set(err, "remove %s: %s", ready, strerror(errno));
-        rc = KL_EIO;
-    }
-cleanup:
-    free(ready);
-    free(manifest);
-    free(live);
-    return rc;
-}
-
-/* What the writer does with compaction leftovers before it reads the
- * MANIFEST; what a reader without the lock says about them. */
-static int compaction_leftovers(const char *dir, bool writer, const kl_logger *lg,
-                                kl_err *err)
-{
-    char *tmp = path_join(dir, COMPACT_TMP), *ready = path_join(dir, COMPACT_READY);
-    int rc = KL_ENOMEM;
-    if (tmp == NULL || ready == NULL)
-        goto cleanup;
-    rc = KL_OK;
-    if (!writer) {
-        if (access(ready, F_OK) == 0) {
-            kl_err_set(err, "%s holds a compaction that was committed but not "
-                       "finished; start keyledgerd or run `keyledger compact` "
-                       "to finish it", dir);
-            rc = KL_EINVAL;
-        }
-    } else if (access(tmp, F_OK) == 0) {
-        KL_LOGF(lg, KL_WARN, "removing %s: a compaction that never committed "
-                "(the log is as it was before it)", tmp);
-        rc = remove_dir(tmp);
-        if (rc != KL_OK)
-            kl_err_set(err, "remove %s: %s", tmp, strerror(errno));
-    }
-    if (rc == KL_OK && writer)
-        rc = kl_log_compact_finish(dir, lg, err);
-cleanup:
-    free(tmp);
-    free(ready);
-    return rc;
 }
 
 /* ---- open and recovery ------------------------------------------------ */
@@ -691,7 +490,7 @@ void kl_log_config_defaults(kl_log_config *cfg)
 
 static int lock_dir(kl_log *log, kl_err *err)
 {
-    char *path = path_join(log->dir, "LOCK");
+    char *path = kl_path_join(log->dir, "LOCK");
     if (path == NULL)
         return KL_ENOMEM;
     log->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -712,7 +511,7 @@ static int lock_dir(kl_log *log, kl_err *err)
     char pid[32];
     int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
     if (ftruncate(log->lock_fd, 0) != 0 ||
-        write_all(log->lock_fd, pid, (size_t)n, 0) != KL_OK) {
+        kl_write_all(log->lock_fd, pid, (size_t)n, 0) != KL_OK) {
         kl_err_set(err, "write %s/LOCK: %s", log->dir, strerror(errno));
         return KL_EIO;
     }
@@ -728,7 +527,7 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
 {
     mapped m;
     char name[32];
-    segment_name(seg->first_seq, name);
+    kl_segment_name(seg->first_seq, name);
     int rc = segment_map(log->dir, seg->first_seq, &m, err);
     if (rc != KL_OK)
         return rc;
@@ -831,7 +630,7 @@ int kl_log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec,
         kl_err again = {0};
         int rc = log_open(out, cfg, rec, &used, err);
         if (rc == KL_OK || !cfg->read_only || attempt == 3 || used == 0 ||
-            read_manifest(cfg->dir, &first, &last, &again) != KL_OK || first == used)
+            kl_read_manifest(cfg->dir, &first, &last, &again) != KL_OK || first == used)
             return rc;
     }
 }
@@ -854,10 +653,10 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
     }
     log->cfg.dir = log->dir;
     /* Read twice: finishing a compaction replaces the MANIFEST. */
-    if ((rc = read_manifest(log->dir, &first, &last, err)) != KL_OK ||
+    if ((rc = kl_read_manifest(log->dir, &first, &last, err)) != KL_OK ||
         (!cfg->read_only && (rc = lock_dir(log, err)) != KL_OK) ||
-        (rc = compaction_leftovers(log->dir, !cfg->read_only, cfg->logger, err)) != KL_OK ||
-        (rc = read_manifest(log->dir, &first, &last, err)) != KL_OK)
+        (rc = kl_compaction_leftovers(log->dir, !cfg->read_only, cfg->logger, err)) != KL_OK ||
+        (rc = kl_read_manifest(log->dir, &first, &last, err)) != KL_OK)
         goto cleanup;
     *first_used = first;
     if ((rc = list_segments(log, first, last, err)) != KL_OK)
@@ -870,7 +669,7 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
          * before it, taken from the first segment's header. */
         mapped m;
         char name[32];
-        segment_name(first, name);
+        kl_segment_name(first, name);
         if ((rc = segment_map(log->dir, first, &m, err)) != KL_OK)
             goto cleanup;
         rc = header_check(&m, first, name, log->head_hash, err);
@@ -889,9 +688,9 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
 
     segment *tail = &log->segs[log->nsegs - 1];
     char name[32];
-    segment_name(tail->first_seq, name);
+    kl_segment_name(tail->first_seq, name);
     if (!cfg->read_only) {
-        char *path = path_join(log->dir, name);
+        char *path = kl_path_join(log->dir, name);
         if (path == NULL) {
             rc = KL_ENOMEM;
             goto cleanup;
@@ -950,7 +749,7 @@ static bool holds_a_log(const char *dir)
     struct dirent *e;
     uint64_t s;
     while (!found && (e = readdir(d)) != NULL)
-        found = strcmp(e->d_name, "MANIFEST") == 0 || parse_segment_name(e->d_name, &s);
+        found = strcmp(e->d_name, "MANIFEST") == 0 || kl_segment_file(e->d_name, &s);
     closedir(d);
     return found;
 }
@@ -986,7 +785,7 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
             continue;           /* wholly before from_seq */
         }
         char name[32];
-        segment_name(seg->first_seq, name);
+        kl_segment_name(seg->first_seq, name);
         mapped m;
         int rc = segment_map(log->dir, seg->first_seq, &m, err);
         if (rc != KL_OK)
@@ -1112,8 +911,8 @@ static int roll(kl_log *log, const kl_log_mark *start, kl_err *err)
     if (rc != KL_OK)
         return rc;
     char name[32];
-    segment_name(first, name);
-    char *path = path_join(log->dir, name);
+    kl_segment_name(first, name);
+    char *path = kl_path_join(log->dir, name);
     if (path == NULL)
         return KL_ENOMEM;
     int fd = open(path, O_RDWR | O_CLOEXEC);
@@ -1163,7 +962,7 @@ int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
             goto rewind;
         tail = &log->segs[log->nsegs - 1];
     }
-    rc = write_all(log->fd, batch->data, batch->len, (off_t)tail->size);
+    rc = kl_write_all(log->fd, batch->data, batch->len, (off_t)tail->size);
     if (rc != KL_OK) {
         int e = errno;
         /* Leave the file ending on a record boundary again. */
@@ -1186,165 +985,6 @@ int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
 rewind:
     kl_log_rewind(log, start);
     return rc;
-}
-
-/* ---- snapshots -------------------------------------------------------- */
-
-/*
- * snapshot-NNNNNNNNNNNNNNNNNNNN.kls, named by the seq of the last record it
- * covers: a 72-byte header, then the payload (projections/snapshot.c).
- *
- *   magic "KLSNAPSH" (8) | format u32 (1) | header size u32 (72) | seq u64
- *   | chain hash of record seq (32) | payload length u64 | CRC-32C of the
- *   payload u32 | CRC-32C of the 68 bytes before it u32
- *
- * Written as every file here is: temp, fsync, rename, fsync the dir.
- */
-enum { SNAP_HEADER = 72, SNAP_FORMAT = 1 };
-static const char SNAP_MAGIC[8] = {'K', 'L', 'S', 'N', 'A', 'P', 'S', 'H'};
-#define KL_SNAPSHOT_MAX ((uint64_t)16 << 30)
-
-static void snapshot_name(uint64_t seq, char out[48])
-{
-    snprintf(out, 48, "snapshot-%020llu.kls", (unsigned long long)seq);
-}
-
-int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN],
-                      const void *payload, size_t len, kl_err *err)
-{
-    uint8_t h[SNAP_HEADER];
-    memcpy(h, SNAP_MAGIC, 8);
-    put_u32(h + 8, SNAP_FORMAT);
-    put_u32(h + 12, SNAP_HEADER);
-    put_u64(h + 16, seq);
-    memcpy(h + 24, hash, KL_HASH_LEN);
-    put_u64(h + 56, len);
-    put_u32(h + 64, kl_crc32c(0, payload, len));
-    put_u32(h + 68, kl_crc32c(0, h, 68));
-    char name[48];
-    snapshot_name(seq, name);
-    return write_file_atomic(dir, name, h, sizeof h, payload, len, err);
-}
-
-void kl_snapshot_release(kl_snapshot_data *s)
-{
-    if (s->map != NULL)
-        munmap(s->map, s->map_len);
-    memset(s, 0, sizeof *s);
-}
-
-/* The payload is mapped, not read: a snapshot of a million keys is a few
- * hundred MiB that the loader reads once, front to back, and the page cache
- * already holds; copying it into fresh memory cost more than loading it. */
-int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
-                     uint8_t hash[KL_HASH_LEN], kl_err *err)
-{
-    char name[48];
-    snapshot_name(seq, name);
-    memset(out, 0, sizeof *out);
-    char *path = path_join(dir, name);
-    if (path == NULL)
-        return KL_ENOMEM;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    free(path);
-    if (fd < 0) {
-        kl_err_set(err, "open %s: %s", name, strerror(errno));
-        return KL_EIO;
-    }
-    uint8_t h[SNAP_HEADER];
-    struct stat st;
-    int rc = KL_ECORRUPT;
-    if (fstat(fd, &st) != 0 || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h ||
-        memcmp(h, SNAP_MAGIC, 8) != 0 || get_u32(h + 68) != kl_crc32c(0, h, 68)) {
-        kl_err_set(err, "%s: not a whole snapshot header", name);
-        goto cleanup;
-    }
-    uint64_t len = get_u64(h + 56);
-    if (get_u32(h + 8) != SNAP_FORMAT || get_u32(h + 12) != SNAP_HEADER ||
-        get_u64(h + 16) != seq || len > KL_SNAPSHOT_MAX ||
-        (uint64_t)st.st_size != SNAP_HEADER + len) {
-        kl_err_set(err, "%s: header does not fit the file", name);
-        goto cleanup;
-    }
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED) {
-        kl_err_set(err, "map %s: %s", name, strerror(errno));
-        rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
-        goto cleanup;
-    }
-    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL | MADV_WILLNEED);
-    out->map = map;
-    out->map_len = (size_t)st.st_size;
-    out->data = (const uint8_t *)map + SNAP_HEADER;
-    out->len = (size_t)len;
-    if (kl_crc32c(0, out->data, out->len) != get_u32(h + 64)) {
-        kl_err_set(err, "%s: payload checksum does not match", name);
-        kl_snapshot_release(out);
-        goto cleanup;
-    }
-    memcpy(hash, h + 24, KL_HASH_LEN);
-    rc = KL_OK;
-cleanup:
-    close(fd);
-    return rc;
-}
-
-/* The seq a file name says it is the snapshot of, if it is one. */
-static bool snapshot_file(const char *name, uint64_t *seq)
-{
-    unsigned long long s;
-    char tail[8];
-    if (strlen(name) != 33 || sscanf(name, "snapshot-%20llu.%7s", &s, tail) != 2 ||
-        strcmp(tail, "kls") != 0)
-        return false;
-    *seq = s;
-    return true;
-}
-
-int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
-                     kl_err *err)
-{
-    DIR *dp = opendir(dir);
-    if (dp == NULL) {
-        kl_err_set(err, "open %s: %s", dir, strerror(errno));
-        return KL_EIO;
-    }
-    *n = 0;
-    struct dirent *e;
-    uint64_t s;
-    while ((e = readdir(dp)) != NULL)
-        if (snapshot_file(e->d_name, &s) && *n < max)
-            seqs[(*n)++] = s;
-    closedir(dp);
-    for (size_t i = 1; i < *n; i++)         /* a handful: insertion sort */
-        for (size_t j = i; j > 0 && seqs[j - 1] > seqs[j]; j--) {
-            uint64_t t = seqs[j];
-            seqs[j] = seqs[j - 1];
-            seqs[j - 1] = t;
-        }
-    return KL_OK;
-}
-
-int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
-                            uint64_t *seq, uint8_t hash[KL_HASH_LEN],
-                            const kl_logger *lg, kl_err *err)
-{
-    uint64_t seqs[256];
-    size_t n;
-    int rc = kl_snapshot_list(dir, seqs, 256, &n, err);
-    /* Newest first: try each until one is whole. */
-    for (size_t i = n; rc == KL_OK && i > 0; i--) {
-        if (seqs[i - 1] > max_seq)
-            continue;
-        rc = kl_snapshot_read(dir, seqs[i - 1], payload, hash, err);
-        if (rc == KL_OK)
-            *seq = seqs[i - 1];
-        if (rc == KL_OK || rc == KL_ENOMEM)
-            return rc;
-        KL_LOGF(lg, KL_WARN, "ignoring a snapshot: %s", err->msg);
-        rc = KL_OK;
-    }
-    return rc == KL_OK ? KL_ENOENT : rc;
 }
 
 /* ---- verify ---------------------------------------------------------- */

@@ -29,7 +29,7 @@
  * acknowledged records as long as callers ask only for those (the daemon
  * asks for seqs it has applied); a seq past the written end is KL_ENOENT.
  */
-#include "log.h"
+#include "internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -75,22 +75,6 @@ struct kl_log_reader {
 
 /* ---- helpers ---------------------------------------------------------- */
 
-static uint32_t get_u32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64(const uint8_t *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
-
-static void segment_name(uint64_t first_seq, char out[32])
-{
-    snprintf(out, 32, "%020" PRIu64 ".log", first_seq);
-}
-
 __attribute__((format(printf, 4, 5)))
 static void err_at(kl_err *err, const rseg *s, uint64_t offset, const char *fmt, ...)
 {
@@ -99,7 +83,7 @@ static void err_at(kl_err *err, const rseg *s, uint64_t offset, const char *fmt,
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
-    segment_name(s->first_seq, name);
+    kl_segment_name(s->first_seq, name);
     kl_err_set(err, "segment %s offset %" PRIu64 ": %s", name, offset, what);
     snprintf(err->segment, sizeof err->segment, "%s", name);
     err->offset = offset;
@@ -122,43 +106,10 @@ static ssize_t pread_full(int fd, void *buf, size_t n, uint64_t off)
     return (ssize_t)got;
 }
 
-static bool parse_segment_name(const char *n, uint64_t *first)
-{
-    if (strlen(n) != 24 || strcmp(n + 20, ".log") != 0)
-        return false;
-    uint64_t v = 0;
-    for (int i = 0; i < 20; i++) {
-        if (n[i] < '0' || n[i] > '9' || v > (UINT64_MAX - 9) / 10)
-            return false;
-        v = v * 10 + (uint64_t)(n[i] - '0');
-    }
-    *first = v;
-    return v > 0;
-}
-
 static int read_manifest(kl_log_reader *r, kl_err *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/MANIFEST", r->dir);
-    FILE *fp = fopen(path, "re");
-    if (fp == NULL) {
-        kl_err_set(err, "no keyledger log in %s (MANIFEST: %s)", r->dir,
-                   strerror(errno));
-        return KL_ENOENT;
-    }
-    char text[256];
-    size_t n = fread(text, 1, sizeof text - 1, fp);
-    fclose(fp);
-    text[n] = '\0';
-    unsigned long long first, last;
-    if (sscanf(text, "keyledger-manifest 1\nfirst %20llu.log\nlast %20llu.log\n",
-               &first, &last) != 2 || first == 0) {
-        kl_err_set(err, "%s/MANIFEST is not a keyledger manifest of format 1",
-                   r->dir);
-        return KL_ECORRUPT;
-    }
-    r->first_seq = first;
-    return KL_OK;
+    uint64_t last;
+    return kl_read_manifest(r->dir, &r->first_seq, &last, err);
 }
 
 /* ---- segments --------------------------------------------------------- */
@@ -185,7 +136,7 @@ static int list_segments(kl_log_reader *r, kl_err *err)
     struct dirent *de;
     while ((de = readdir(d)) != NULL) {
         uint64_t s;
-        if (!parse_segment_name(de->d_name, &s) || s <= after)
+        if (!kl_segment_file(de->d_name, &s) || s <= after)
             continue;
         if (r->nsegs + nfound >= MAX_SEGMENTS) {
             kl_err_set(err, "more than %d segments in %s", MAX_SEGMENTS, r->dir);
@@ -250,7 +201,7 @@ static int seg_open(kl_log_reader *r, rseg *s, kl_err *err)
         seg_close(r, lru);
     }
     char name[32], path[4200];
-    segment_name(s->first_seq, name);
+    kl_segment_name(s->first_seq, name);
     snprintf(path, sizeof path, "%s/%s", r->dir, name);
     s->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (s->fd < 0) {
@@ -389,7 +340,7 @@ int kl_log_reader_open(const char *dir, kl_log_reader **out, kl_err *err)
         goto cleanup;
     if (r->nsegs == 0 || r->segs[0].first_seq != r->first_seq) {
         char name[32];
-        segment_name(r->first_seq, name);
+        kl_segment_name(r->first_seq, name);
         kl_err_set(err, "segment %s named in MANIFEST is missing from %s", name,
                    r->dir);
         rc = KL_ECORRUPT;

@@ -1,0 +1,174 @@
+/*
+ * Snapshots: the state at a seq, written whole beside the segments
+ * (docs/log-format.md, "Snapshots"). This file knows the container, not
+ * what is in it (projections/snapshot.c).
+ */
+#include "internal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/*
+ * snapshot-NNNNNNNNNNNNNNNNNNNN.kls, named by the seq of the last record it
+ * covers: a 72-byte header, then the payload (projections/snapshot.c).
+ *
+ *   magic "KLSNAPSH" (8) | format u32 (1) | header size u32 (72) | seq u64
+ *   | chain hash of record seq (32) | payload length u64 | CRC-32C of the
+ *   payload u32 | CRC-32C of the 68 bytes before it u32
+ *
+ * Written as every file here is: temp, fsync, rename, fsync the dir.
+ */
+enum { SNAP_HEADER = 72, SNAP_FORMAT = 1 };
+static const char SNAP_MAGIC[8] = {'K', 'L', 'S', 'N', 'A', 'P', 'S', 'H'};
+#define KL_SNAPSHOT_MAX ((uint64_t)16 << 30)
+
+static void snapshot_name(uint64_t seq, char out[48])
+{
+    snprintf(out, 48, "snapshot-%020llu.kls", (unsigned long long)seq);
+}
+
+int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN],
+                      const void *payload, size_t len, kl_err *err)
+{
+    uint8_t h[SNAP_HEADER];
+    memcpy(h, SNAP_MAGIC, 8);
+    put_u32(h + 8, SNAP_FORMAT);
+    put_u32(h + 12, SNAP_HEADER);
+    put_u64(h + 16, seq);
+    memcpy(h + 24, hash, KL_HASH_LEN);
+    put_u64(h + 56, len);
+    put_u32(h + 64, kl_crc32c(0, payload, len));
+    put_u32(h + 68, kl_crc32c(0, h, 68));
+    char name[48];
+    snapshot_name(seq, name);
+    return kl_write_file_atomic(dir, name, h, sizeof h, payload, len, err);
+}
+
+void kl_snapshot_release(kl_snapshot_data *s)
+{
+    if (s->map != NULL)
+        munmap(s->map, s->map_len);
+    memset(s, 0, sizeof *s);
+}
+
+/* The payload is mapped, not read: a snapshot of a million keys is a few
+ * hundred MiB that the loader reads once, front to back, and the page cache
+ * already holds; copying it into fresh memory cost more than loading it. */
+int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
+                     uint8_t hash[KL_HASH_LEN], kl_err *err)
+{
+    char name[48];
+    snapshot_name(seq, name);
+    memset(out, 0, sizeof *out);
+    char *path = kl_path_join(dir, name);
+    if (path == NULL)
+        return KL_ENOMEM;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    free(path);
+    if (fd < 0) {
+        kl_err_set(err, "open %s: %s", name, strerror(errno));
+        return KL_EIO;
+    }
+    uint8_t h[SNAP_HEADER];
+    struct stat st;
+    int rc = KL_ECORRUPT;
+    if (fstat(fd, &st) != 0 || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h ||
+        memcmp(h, SNAP_MAGIC, 8) != 0 || get_u32(h + 68) != kl_crc32c(0, h, 68)) {
+        kl_err_set(err, "%s: not a whole snapshot header", name);
+        goto cleanup;
+    }
+    uint64_t len = get_u64(h + 56);
+    if (get_u32(h + 8) != SNAP_FORMAT || get_u32(h + 12) != SNAP_HEADER ||
+        get_u64(h + 16) != seq || len > KL_SNAPSHOT_MAX ||
+        (uint64_t)st.st_size != SNAP_HEADER + len) {
+        kl_err_set(err, "%s: header does not fit the file", name);
+        goto cleanup;
+    }
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED) {
+        kl_err_set(err, "map %s: %s", name, strerror(errno));
+        rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
+        goto cleanup;
+    }
+    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL | MADV_WILLNEED);
+    out->map = map;
+    out->map_len = (size_t)st.st_size;
+    out->data = (const uint8_t *)map + SNAP_HEADER;
+    out->len = (size_t)len;
+    if (kl_crc32c(0, out->data, out->len) != get_u32(h + 64)) {
+        kl_err_set(err, "%s: payload checksum does not match", name);
+        kl_snapshot_release(out);
+        goto cleanup;
+    }
+    memcpy(hash, h + 24, KL_HASH_LEN);
+    rc = KL_OK;
+cleanup:
+    close(fd);
+    return rc;
+}
+
+/* The seq a file name says it is the snapshot of, if it is one. */
+bool kl_snapshot_file(const char *name, uint64_t *seq)
+{
+    unsigned long long s;
+    char tail[8];
+    if (strlen(name) != 33 || sscanf(name, "snapshot-%20llu.%7s", &s, tail) != 2 ||
+        strcmp(tail, "kls") != 0)
+        return false;
+    *seq = s;
+    return true;
+}
+
+int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
+                     kl_err *err)
+{
+    DIR *dp = opendir(dir);
+    if (dp == NULL) {
+        kl_err_set(err, "open %s: %s", dir, strerror(errno));
+        return KL_EIO;
+    }
+    *n = 0;
+    struct dirent *e;
+    uint64_t s;
+    while ((e = readdir(dp)) != NULL)
+        if (kl_snapshot_file(e->d_name, &s) && *n < max)
+            seqs[(*n)++] = s;
+    closedir(dp);
+    for (size_t i = 1; i < *n; i++)         /* a handful: insertion sort */
+        for (size_t j = i; j > 0 && seqs[j - 1] > seqs[j]; j--) {
+            uint64_t t = seqs[j];
+            seqs[j] = seqs[j - 1];
+            seqs[j - 1] = t;
+        }
+    return KL_OK;
+}
+
+int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
+                            uint64_t *seq, uint8_t hash[KL_HASH_LEN],
+                            const kl_logger *lg, kl_err *err)
+{
+    uint64_t seqs[256];
+    size_t n;
+    int rc = kl_snapshot_list(dir, seqs, 256, &n, err);
+    /* Newest first: try each until one is whole. */
+    for (size_t i = n; rc == KL_OK && i > 0; i--) {
+        if (seqs[i - 1] > max_seq)
+            continue;
+        rc = kl_snapshot_read(dir, seqs[i - 1], payload, hash, err);
+        if (rc == KL_OK)
+            *seq = seqs[i - 1];
+        if (rc == KL_OK || rc == KL_ENOMEM)
+            return rc;
+        KL_LOGF(lg, KL_WARN, "ignoring a snapshot: %s", err->msg);
+        rc = KL_OK;
+    }
+    return rc == KL_OK ? KL_ENOENT : rc;
+}
+
