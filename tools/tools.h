@@ -1,8 +1,8 @@
 /*
- * tools/ — the `keyledger` command: init, org-create, verify, and the
- * auditors' replay and state. Each command is a function taking its own
- * argv and returning the exit status: 0 success, 1 a user-facing failure
- * (message on stderr), 2 bad usage.
+ * tools/ — the `keyledger` command: init, org-create, verify, the auditors'
+ * replay and state, and the operators' snapshot and compact. Each command
+ * is a function taking its own argv and returning the exit status: 0
+ * success, 1 a user-facing failure (message on stderr), 2 bad usage.
  */
 #ifndef KL_TOOLS_H
 #define KL_TOOLS_H
