@@ -18,6 +18,7 @@ What is checked, and why:
   - refusals leave the data dir as it was: while the daemon holds the lock,
     on bad usage, on a damaged or tampered log (a compaction must never
     re-chain damaged history into a fresh, valid-looking chain);
+  - a disk too full for the new log leaves the old one as it was;
   - a stale uncommitted compact.tmp is thrown away by the next writer;
   - a crash at each step that changes the disk (an LD_PRELOAD shim,
     fault_kill.c, kills the tool before its Nth such call) leaves the old
@@ -962,6 +963,47 @@ def test_damaged_log_refused_and_left_alone():
 
 # --------------------------------------------------------------------------
 # A stale compact.tmp
+
+def test_full_disk_leaves_the_old_log():
+    """A disk too full for the new log: exit 1 naming the problem, the old
+    log byte for byte as it was and no compact.tmp left taking space; once
+    there is room, the same compaction goes through."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        raise h.Skip("needs root to mount a small tmpfs (not root)")
+    mnt = h.tempdir("kl-e2e-mnt-")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mnt],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        raise h.Skip("mount -t tmpfs not permitted here: %s" % (
+            p.stderr.decode("utf-8", "replace").strip() or "exit %d" % p.returncode))
+    h.register_mount(mnt)
+    data = os.path.join(mnt, "data")
+    info = h.init(data)
+    d = h.start_daemon(data, config={"usage_flush_ms": 50}, log_dir=h.tempdir())
+    n = 0
+    for _ in range(3):          # the owner key's usage over three flushes
+        eq(_verify(d.port, info["key"])["code"], "VALID", "the owner key verifies")
+        n = wait_flushed(data, n)
+    d.stop()
+    filler = os.path.join(mnt, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (1 << 16, 4096, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    res = _refuses_damaged(data, "a log on a full disk")
+    check("space" in res.stderr.lower(), "the message says the disk is full: "
+          + res.describe())
+    os.remove(filler)
+    s = compact(data, "--usage-retention-days", "0")
+    check(s["usage_events_folded"] >= 2, "the usage was folded: %r" % s)
+    h.verify_ok(data)
+
 
 def test_stale_uncommitted_compaction_is_removed():
     """A compact.tmp that never committed (a crash before the rename) is
