@@ -119,8 +119,9 @@ kl_key *kl_api_lookup_secret(kl_daemon *d, const char *secret, size_t len,
     uint8_t h[KL_HASH_LEN];
     kl_sha256(secret, len, h);
     bool match = CRYPTO_memcmp(h, k->hash, KL_HASH_LEN) == 0;
-    if (!match && k->grace != NULL && k->grace->until > now)
-        match = CRYPTO_memcmp(h, k->grace->old_hash, KL_HASH_LEN) == 0;
+    const kl_key_grace *g = kl_key_grace_of(k);
+    if (!match && g != NULL && g->until > now)
+        match = CRYPTO_memcmp(h, g->old_hash, KL_HASH_LEN) == 0;
     kl_key_status st = kl_key_status_at(k, now);
     if (k->deleted)
         *why = KL_FAIL_DELETED;

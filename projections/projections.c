@@ -121,10 +121,12 @@ static void key_free(kl_key *k)
         free(k->usage->items);
     free(k->usage);
     free(k->strings);
-    free(k->grace);
-    if (k->revocation != NULL)
-        free(k->revocation->comment);
-    free(k->revocation);
+    if (k->revoked) {
+        free(k->aside.revocation->comment);
+        free(k->aside.revocation);
+    } else {
+        free(k->aside.grace);
+    }
     free(k);
 }
 
@@ -495,35 +497,36 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
         if (k->revoked)
             return misfit(err, ev, "key is revoked");
         if (ev->has & KL_F_GRACE) {
-            if (k->grace == NULL && (k->grace = malloc(sizeof *k->grace)) == NULL)
+            kl_key_grace *g = k->aside.grace;
+            if (g == NULL && (g = k->aside.grace = malloc(sizeof *g)) == NULL)
                 return KL_ENOMEM;
-            memcpy(k->grace->old_hash, k->hash, KL_HASH_LEN);
-            k->grace->until = ev->grace_until;
+            memcpy(g->old_hash, k->hash, KL_HASH_LEN);
+            g->until = ev->grace_until;
         } else {
-            free(k->grace);
-            k->grace = NULL;
+            free(k->aside.grace);
+            k->aside.grace = NULL;
         }
         memcpy(k->hash, ev->hash, KL_HASH_LEN);
         kl_p_prefix_set(k, ev->prefix);
         k->rotated_at = ev->ts;
         break;
-    case KL_EV_KEY_REVOKED:
+    case KL_EV_KEY_REVOKED: {
         if (k->revoked)
             return misfit(err, ev, "key already revoked");
-        if ((k->revocation = calloc(1, sizeof *k->revocation)) == NULL)
+        kl_key_revocation *r = calloc(1, sizeof *r);
+        if (r == NULL)
             return KL_ENOMEM;
-        if ((ev->has & KL_F_COMMENT) &&
-            (k->revocation->comment = kl_p_str_dup(ev->comment)) == NULL) {
-            free(k->revocation);
-            k->revocation = NULL;
+        if ((ev->has & KL_F_COMMENT) && (r->comment = kl_p_str_dup(ev->comment)) == NULL) {
+            free(r);
             return KL_ENOMEM;
         }
+        r->at = ev->ts;
+        r->by = actor_ref(ev);
+        free(k->aside.grace);   /* revoking ends a grace period too */
+        k->aside.revocation = r;
         k->revoked = true;
-        k->revocation->at = ev->ts;
-        k->revocation->by = actor_ref(ev);
-        free(k->grace);         /* revoking ends a grace period too */
-        k->grace = NULL;
         break;
+    }
     default: /* KL_EV_KEY_DELETED */
         if (kl_p_vec_reserve(&o->deleted_keys) != KL_OK)
             return KL_ENOMEM;

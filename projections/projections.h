@@ -127,8 +127,13 @@ typedef struct kl_key {
                                    flow names, the name, the description
                                    (kl_key_name and friends below) */
     kl_usage_series *usage;     /* NULL until used */
-    kl_key_grace *grace;        /* NULL: the old secret no longer works */
-    kl_key_revocation *revocation; /* NULL unless revoked */
+    /* A key is revoked or may be in a grace period, never both (revoking
+     * ends one): one pointer serves both, `revoked` says which. Read them
+     * with kl_key_grace_of and kl_key_revocation_of. */
+    union {
+        kl_key_grace *grace;            /* not revoked: NULL unless one runs */
+        kl_key_revocation *revocation;  /* revoked */
+    } aside;
     int64_t created_at, updated_at;
     int64_t expires_at;         /* 0 = never */
     int64_t rotated_at;         /* created or last regenerated */
@@ -137,20 +142,28 @@ typedef struct kl_key {
     char prefix[20];            /* the display prefix: the secret's first
                                    16 characters (longer only if an event
                                    says so; kept up to 19) */
-    kl_env env;
-    kl_access access;
-    uint32_t nflows;
     uint32_t rl_minute, rl_day; /* 0 = no limit */
     uint32_t usage_slot;        /* the daemon's usage entry + 1;
                                    not state: the fold never reads it */
     uint32_t name_off;          /* where the name starts in `strings` */
     uint32_t version;
+    uint8_t env;                /* kl_env */
+    uint8_t access;             /* kl_access */
+    uint8_t nflows;             /* at most KL_MAX_FLOWS */
     bool revoked, deleted;
 } kl_key;
 
-/* A key's texts, from its one allocation (a million keys: 32 bytes each
- * saved over keeping a pointer to each, and the struct fits malloc's
- * 240-byte size class). */
+static inline const kl_key_grace *kl_key_grace_of(const kl_key *k)
+{
+    return k->revoked ? NULL : k->aside.grace;
+}
+static inline const kl_key_revocation *kl_key_revocation_of(const kl_key *k)
+{
+    return k->revoked ? k->aside.revocation : NULL;
+}
+
+/* A key's texts, from its one allocation (a pointer to each would make the
+ * struct too big for malloc's 224-byte size class). */
 static inline const char *kl_key_name(const kl_key *k)
 {
     return k->strings + k->name_off;

@@ -84,8 +84,8 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
         json_object_set_new(o, "expires_at", kl_json_time(k->expires_at));
     json_object_set_new(o, "is_active", json_boolean(kl_key_usable(k, now)));
     json_object_set_new(o, "status", json_string(kl_key_status_name(st)));
-    if (k->revocation != NULL) {
-        const kl_key_revocation *r = k->revocation;
+    const kl_key_revocation *r = kl_key_revocation_of(k);
+    if (r != NULL) {
         json_object_set_new(o, "revoked_at", kl_json_time(r->at));
         json_object_set_new(o, "revoked_by", kl_json_ref(&r->by));
         if (r->comment != NULL)

@@ -99,16 +99,18 @@ static void write_key(wr *w, const kl_key *k)
     w_i(w, k->last_used_at);
     w_u(w, k->version);
     w_bin(w, k->hash, KL_HASH_LEN);
-    if (k->grace != NULL)
-        w_bin(w, k->grace->old_hash, KL_HASH_LEN);
+    const kl_key_grace *g = kl_key_grace_of(k);
+    const kl_key_revocation *rv = kl_key_revocation_of(k);
+    if (g != NULL)
+        w_bin(w, g->old_hash, KL_HASH_LEN);
     else
         w_s(w, NULL);
-    w_i(w, k->grace != NULL ? k->grace->until : 0);
-    if (k->revocation != NULL) {
+    w_i(w, g != NULL ? g->until : 0);
+    if (rv != NULL) {
         w_arr(w, 4);
-        w_i(w, k->revocation->at);
-        w_ref(w, &k->revocation->by);
-        w_s(w, k->revocation->comment);
+        w_i(w, rv->at);
+        w_ref(w, &rv->by);
+        w_s(w, rv->comment);
     } else {
         w_s(w, NULL);
     }
@@ -726,26 +728,32 @@ static void load_key(loader *l)
     if (r->p < r->end && *r->p == 0xc0) {
         r_s(r, true, &none);            /* no grace period */
         r_i(r);
-    } else if ((k->grace = malloc(sizeof *k->grace)) == NULL) {
+    } else if ((k->aside.grace = malloc(sizeof *k->aside.grace)) == NULL) {
         l->rc = KL_ENOMEM;
         return;
     } else {
-        r_fixed(r, k->grace->old_hash, KL_HASH_LEN);
-        k->grace->until = r_i(r);
+        r_fixed(r, k->aside.grace->old_hash, KL_HASH_LEN);
+        k->aside.grace->until = r_i(r);
     }
     if (r->p < r->end && *r->p == 0xc0) {
         r_s(r, true, &none);            /* not revoked */
-    } else if ((k->revocation = calloc(1, sizeof *k->revocation)) == NULL) {
-        l->rc = KL_ENOMEM;
+    } else if (k->aside.grace != NULL) {
+        r->bad = true;                  /* revoked in a grace period: never */
         return;
     } else {
+        kl_key_revocation *rv = calloc(1, sizeof *rv);
+        if (rv == NULL) {
+            l->rc = KL_ENOMEM;
+            return;
+        }
+        k->aside.revocation = rv;
+        k->revoked = true;
         r_arr(r, 4);
-        k->revocation->at = r_i(r);
-        r_ref(r, &k->revocation->by);
+        rv->at = r_i(r);
+        r_ref(r, &rv->by);
         kl_str c = r_s(r, true, &none);
         if (!none && !bad(l))
-            k->revocation->comment = dup(l, c);
-        k->revoked = true;
+            rv->comment = dup(l, c);
     }
     k->deleted = r_b(r);
     size_t n;

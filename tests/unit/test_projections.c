@@ -213,9 +213,10 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
     kl_hex(k->hash, KL_HASH_LEN, h);
     static const kl_key_grace no_grace;
     static const kl_key_revocation no_revocation;
-    const kl_key_grace *g = k->grace != NULL ? k->grace : &no_grace;
-    const kl_key_revocation *r = k->revocation != NULL ? k->revocation : &no_revocation;
-    assert_true(k->revoked == (k->revocation != NULL));
+    const kl_key_grace *g = kl_key_grace_of(k) != NULL ? kl_key_grace_of(k) : &no_grace;
+    const kl_key_revocation *r = kl_key_revocation_of(k) != NULL ? kl_key_revocation_of(k)
+                                                                 : &no_revocation;
+    assert_true(k->revoked == (kl_key_revocation_of(k) != NULL));
     kl_hex(g->old_hash, KL_HASH_LEN, oh);
     kl_buf_printf(b, "key %s org=%s owner=%d:%s by=%d:%s name=[%s] desc=[%s] "
                   "prefix=[%s] env=%d access=%d flows=%u",
@@ -447,10 +448,10 @@ static void test_key_lifecycle(void **state)
     assert_int_equal(k->updated_at, created);
     assert_int_equal(k->last_used_at, 0);
     assert_memory_equal(k->hash, h1, KL_HASH_LEN);
-    assert_null(k->grace);
+    assert_null(kl_key_grace_of(k));
     assert_false(k->revoked);
     assert_false(k->deleted);
-    assert_null(k->revocation);
+    assert_null(kl_key_revocation_of(k));
     assert_int_equal(k->version, 1);
     assert_int_equal(o->keys.len, 1);
     assert_ptr_equal(o->keys.items[0], k);
@@ -511,9 +512,9 @@ static void test_key_lifecycle(void **state)
     uint8_t h2[KL_HASH_LEN];
     memset(h2, 0x22, sizeof h2);
     assert_memory_equal(k->hash, h2, KL_HASH_LEN);
-    assert_non_null(k->grace);
-    assert_memory_equal(k->grace->old_hash, h1, KL_HASH_LEN);
-    assert_int_equal(k->grace->until, grace);
+    assert_non_null(kl_key_grace_of(k));
+    assert_memory_equal(kl_key_grace_of(k)->old_hash, h1, KL_HASH_LEN);
+    assert_int_equal(kl_key_grace_of(k)->until, grace);
     assert_string_equal(k->prefix, "kl_live_abcdefgh");
     assert_int_equal(k->version, 5);
     /* And without one: the old secret stops at once. */
@@ -522,7 +523,7 @@ static void test_key_lifecycle(void **state)
     memset(ev.hash, 0x33, KL_HASH_LEN);
     ev.prefix = S("kl_live_zz");
     apply_ok(w, &ev);
-    assert_null(k->grace);
+    assert_null(kl_key_grace_of(k));
     assert_string_equal(k->prefix, "kl_live_zz");
     /* A prefix longer than the field is cut to fit, never overflows. */
     ev = id_event(w, KL_EV_KEY_REGENERATED, &kid);
@@ -539,7 +540,7 @@ static void test_key_lifecycle(void **state)
     ev.prefix = S("kl_live_yy");
     ev.grace_until = w->ts + 3600000;
     apply_ok(w, &ev);
-    assert_int_equal(k->grace->until, ev.grace_until);
+    assert_int_equal(kl_key_grace_of(k)->until, ev.grace_until);
 
     ev = id_event(w, KL_EV_KEY_REVOKED, &kid);
     ev.has |= KL_F_COMMENT;
@@ -547,11 +548,11 @@ static void test_key_lifecycle(void **state)
     apply_ok(w, &ev);
     const int64_t revoked_at = ev.ts;
     assert_true(k->revoked);
-    assert_int_equal(k->revocation->at, revoked_at);
-    assert_int_equal(k->revocation->by.type, KL_PRINCIPAL_USER);
-    assert_true(kl_id_eq(&k->revocation->by.id, &uid));
-    assert_string_equal(k->revocation->comment, "leaked in a gist");
-    assert_null(k->grace);
+    assert_int_equal(kl_key_revocation_of(k)->at, revoked_at);
+    assert_int_equal(kl_key_revocation_of(k)->by.type, KL_PRINCIPAL_USER);
+    assert_true(kl_id_eq(&kl_key_revocation_of(k)->by.id, &uid));
+    assert_string_equal(kl_key_revocation_of(k)->comment, "leaked in a gist");
+    assert_null(kl_key_grace_of(k));
     assert_int_equal(kl_key_status_at(k, revoked_at), KL_KEY_REVOKED);
     assert_int_equal(kl_key_status_at(k, 0), KL_KEY_REVOKED);
     assert_false(k->deleted);
@@ -574,7 +575,7 @@ static void test_key_lifecycle(void **state)
     kl_id k2 = key_created(w, KL_PRINCIPAL_USER, &uid);
     simple(w, KL_EV_KEY_REVOKED, &k2);
     assert_true(kl_proj_key(w->p, &k2)->revoked);
-    assert_null(kl_proj_key(w->p, &k2)->revocation->comment);
+    assert_null(kl_key_revocation_of(kl_proj_key(w->p, &k2))->comment);
     world_free(w);
 }
 
