@@ -340,18 +340,9 @@ void kl_h_alerts_ack(kl_http_request *req)
 {
     static const char *const no_fields[] = {NULL};
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    kl_id id;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_path_id(req, 0, KL_ID_ALERT, &id) != 0 ||
-        kl_api_body(req, no_fields, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, 1);
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_ALERT, no_fields, 1);
     if (c == NULL)
         return;
-    c->target = id;
-    kl_cmd_lock(c, &id);
     c->decide = decide_ack;
     c->render = render_ack;
     kl_cmd_submit(d, c);

@@ -612,6 +612,24 @@ kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
     return c;
 }
 
+kl_cmd *kl_api_write_cmd(kl_daemon *d, kl_http_request *req, kl_id_kind target,
+                         const char *const *fields, size_t data_size)
+{
+    kl_caller caller;
+    kl_id id;
+    json_t *body;
+    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
+        (target != KL_ID_KIND_COUNT && kl_api_path_id(req, 0, target, &id) != 0) ||
+        kl_api_body(req, fields, &body) != 0)
+        return NULL;
+    kl_cmd *c = kl_api_cmd(d, req, &caller, body, data_size);
+    if (c != NULL && target != KL_ID_KIND_COUNT) {
+        c->target = id;
+        kl_cmd_lock(c, &id);
+    }
+    return c;
+}
+
 int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev)
 {
     if (kl_cmd_event(d, c, ev) != KL_OK) {

@@ -430,20 +430,11 @@ static kl_cmd *key_cmd(kl_http_request *req, const char *const *fields,
                        kl_cmd_fn decide, kl_cmd_fn render)
 {
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    kl_id id;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_path_id(req, 0, KL_ID_KEY, &id) != 0 ||
-        kl_api_body(req, fields, &body) != 0)
-        return NULL;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(key_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_KEY, fields, sizeof(key_input));
     if (c == NULL)
         return NULL;
-    c->target = id;
-    kl_cmd_lock(c, &id);
     /* Deleting a service account revokes its keys: keep the two apart. */
-    const kl_key *k = kl_proj_key(d->proj, &id);
+    const kl_key *k = kl_proj_key(d->proj, &c->target);
     if (k != NULL)
         kl_cmd_lock_shared(c, &k->owner.id);
     c->decide = decide;

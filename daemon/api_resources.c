@@ -112,14 +112,11 @@ static const char *const COMPUTER_FIELDS[] = {"name", "owner", NULL};
 void kl_h_computers_create(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_body(req, COMPUTER_FIELDS, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(res_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_KIND_COUNT, COMPUTER_FIELDS,
+                                 sizeof(res_input));
     if (c == NULL)
         return;
+    json_t *body = c->body;
     res_input *in = c->data;
     kl_str owner;
     int r = kl_api_get_str(req, body, "name", "name", 1, NAME_MAX_CHARS, &in->name);
@@ -136,14 +133,14 @@ void kl_h_computers_create(kl_http_request *req)
             r = -1;
         }
     } else if (r == 0) {
-        in->owner = caller.principal;
+        in->owner = c->caller.principal;
     }
     if (r < 0) {
         kl_cmd_free(c);
         return;
     }
     kl_cmd_lock_shared(c, &in->owner.id);
-    kl_cmd_lock_shared(c, &caller.principal.id);
+    kl_cmd_lock_shared(c, &c->caller.principal.id);
     c->decide = decide_computer_create;
     c->render = render_computer_created;
     kl_cmd_submit(d, c);
@@ -203,19 +200,10 @@ static void computer_cmd(kl_http_request *req, kl_cmd_fn decide, kl_cmd_fn rende
 {
     static const char *const no_fields[] = {NULL};
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    kl_id id;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_path_id(req, 0, KL_ID_COMPUTER, &id) != 0 ||
-        kl_api_body(req, no_fields, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(res_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_COMPUTER, no_fields, sizeof(res_input));
     if (c == NULL)
         return;
-    c->target = id;
-    kl_cmd_lock(c, &id);
-    const kl_computer *m = kl_proj_computer(d->proj, &id);
+    const kl_computer *m = kl_proj_computer(d->proj, &c->target);
     if (m != NULL)
         kl_cmd_lock_shared(c, &m->owner.id);
     c->decide = decide;
@@ -278,14 +266,11 @@ static const char *const SESSION_FIELDS[] = {"title", "computer_id", NULL};
 void kl_h_sessions_create(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_body(req, SESSION_FIELDS, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(res_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_KIND_COUNT, SESSION_FIELDS,
+                                 sizeof(res_input));
     if (c == NULL)
         return;
+    json_t *body = c->body;
     res_input *in = c->data;
     kl_str cid;
     int r = kl_api_get_str(req, body, "title", "title", 0, TITLE_MAX_CHARS, &in->title);
@@ -303,7 +288,7 @@ void kl_h_sessions_create(kl_http_request *req)
     }
     if (!kl_id_is_zero(&in->computer))
         kl_cmd_lock_shared(c, &in->computer);
-    kl_cmd_lock_shared(c, &caller.principal.id);
+    kl_cmd_lock_shared(c, &c->caller.principal.id);
     c->decide = decide_session_create;
     c->render = render_session_created;
     kl_cmd_submit(d, c);

@@ -106,14 +106,11 @@ static const char *const CREATE_FIELDS[] = {"name", "description", "role", NULL}
 void kl_h_sa_create(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_body(req, CREATE_FIELDS, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(sa_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_KIND_COUNT, CREATE_FIELDS,
+                                 sizeof(sa_input));
     if (c == NULL)
         return;
+    json_t *body = c->body;
     sa_input *in = c->data;
     int r = kl_api_get_str(req, body, "name", "name", 1, SA_NAME_MAX, &in->name);
     if (r == 0) {
@@ -130,7 +127,7 @@ void kl_h_sa_create(kl_http_request *req)
     }
     if (in->role == KL_ROLE_NONE)
         in->role = KL_ROLE_MANAGER;
-    kl_cmd_lock(c, &caller.org->id);   /* names are unique in the org */
+    kl_cmd_lock(c, &c->caller.org->id);   /* names are unique in the org */
     c->decide = decide_create;
     c->render = render_created;
     kl_cmd_submit(d, c);
@@ -221,28 +218,10 @@ static int decide_update(kl_daemon *d, kl_cmd *c)
 static const char *const UPDATE_FIELDS[] = {"name", "description", "is_active",
                                             "role", NULL};
 
-/* Common start of PATCH and DELETE on a service account. */
-static kl_cmd *sa_cmd(kl_http_request *req, const char *const *fields)
-{
-    kl_daemon *d = req->ctx;
-    kl_caller caller;
-    kl_id id;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_path_id(req, 0, KL_ID_SA, &id) != 0 ||
-        kl_api_body(req, fields, &body) != 0)
-        return NULL;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(sa_input));
-    if (c == NULL)
-        return NULL;
-    c->target = id;
-    kl_cmd_lock(c, &id);
-    return c;
-}
-
 void kl_h_sa_update(kl_http_request *req)
 {
-    kl_cmd *c = sa_cmd(req, UPDATE_FIELDS);
+    kl_cmd *c = kl_api_write_cmd(req->ctx, req, KL_ID_SA, UPDATE_FIELDS,
+                                 sizeof(sa_input));
     if (c == NULL)
         return;
     sa_input *in = c->data;
@@ -316,7 +295,7 @@ static const char *const NO_FIELDS[] = {NULL};
 
 void kl_h_sa_delete(kl_http_request *req)
 {
-    kl_cmd *c = sa_cmd(req, NO_FIELDS);
+    kl_cmd *c = kl_api_write_cmd(req->ctx, req, KL_ID_SA, NO_FIELDS, sizeof(sa_input));
     if (c == NULL)
         return;
     c->decide = decide_delete;

@@ -110,14 +110,11 @@ static const char *const INVITE_FIELDS[] = {"email", "name", "role", NULL};
 void kl_h_users_invite(kl_http_request *req)
 {
     kl_daemon *d = req->ctx;
-    kl_caller caller;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_body(req, INVITE_FIELDS, &body) != 0)
-        return;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(user_input));
+    kl_cmd *c = kl_api_write_cmd(d, req, KL_ID_KIND_COUNT, INVITE_FIELDS,
+                                 sizeof(user_input));
     if (c == NULL)
         return;
+    json_t *body = c->body;
     user_input *in = c->data;
     int r = kl_api_get_str(req, body, "email", "email", 1, EMAIL_MAX_CHARS, &in->email);
     if (r == 0) {
@@ -138,7 +135,7 @@ void kl_h_users_invite(kl_http_request *req)
         kl_cmd_free(c);
         return;
     }
-    kl_cmd_lock(c, &caller.org->id);
+    kl_cmd_lock(c, &c->caller.org->id);
     c->decide = decide_invite;
     c->render = render_created;
     kl_cmd_submit(d, c);
@@ -247,20 +244,9 @@ static const char *const UPDATE_FIELDS[] = {"name", "role", NULL};
 /* Common start of PATCH and DELETE on a user. */
 static kl_cmd *user_cmd(kl_http_request *req, const char *const *fields)
 {
-    kl_daemon *d = req->ctx;
-    kl_caller caller;
-    kl_id id;
-    json_t *body;
-    if (kl_api_auth(d, req, KL_NEED_WRITE, &caller) != 0 ||
-        kl_api_path_id(req, 0, KL_ID_USER, &id) != 0 ||
-        kl_api_body(req, fields, &body) != 0)
-        return NULL;
-    kl_cmd *c = kl_api_cmd(d, req, &caller, body, sizeof(user_input));
-    if (c == NULL)
-        return NULL;
-    c->target = id;
-    kl_cmd_lock(c, &caller.org->id);   /* the owner count */
-    kl_cmd_lock(c, &id);
+    kl_cmd *c = kl_api_write_cmd(req->ctx, req, KL_ID_USER, fields, sizeof(user_input));
+    if (c != NULL)
+        kl_cmd_lock(c, &c->caller.org->id);    /* the owner count */
     return c;
 }
 

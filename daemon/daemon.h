@@ -384,6 +384,12 @@ void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body);
  * returns NULL on failure. */
 kl_cmd *kl_api_cmd(kl_daemon *d, kl_http_request *req, const kl_caller *caller,
                    json_t *body, size_t data_size);
+/* The start every write handler shares: authenticate for writing, the id
+ * of kind `target` from the path (KL_ID_KIND_COUNT: none, as for a create),
+ * the body (only `fields`), then kl_api_cmd; with a target, it is the
+ * command's target and locked. NULL when it answered the request. */
+kl_cmd *kl_api_write_cmd(kl_daemon *d, kl_http_request *req, kl_id_kind target,
+                         const char *const *fields, size_t data_size);
 /* kl_cmd_event for decide functions: answers 503 and returns -1 when the
  * event cannot be built. */
 int kl_api_emit(kl_daemon *d, kl_cmd *c, kl_event *ev);
