@@ -472,17 +472,8 @@ static int snapshot_only(compact *c, kl_log *old, const char *data, const kl_log
     kl_log_head_hash(old, head_hash);
     if (*head_seq == 0)
         return KL_OK;           /* an empty log has no state to keep */
-    kl_proj *p = NULL;
-    kl_buf out = {0};
-    uint64_t from;
-    int rc = kl_proj_rebuild(&p, old, data, lg, &from, &c->err);
-    if (rc == KL_OK)
-        rc = kl_proj_snapshot(p, &out);
-    if (rc == KL_OK)
-        rc = kl_snapshot_write(data, *head_seq, head_hash, out.data, out.len, &c->err);
-    kl_buf_free(&out);
-    kl_proj_free(p);
-    return rc;
+    uint64_t bytes;
+    return kl_tool_write_snapshot(old, data, lg, &bytes, &c->err);
 }
 
 int kl_tool_compact(int argc, char **argv)

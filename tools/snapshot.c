@@ -11,6 +11,25 @@
 #include <getopt.h>
 #include <stdio.h>
 
+int kl_tool_write_snapshot(kl_log *log, const char *data, const kl_logger *lg,
+                           uint64_t *bytes, kl_err *err)
+{
+    kl_proj *p = NULL;
+    kl_buf out = {0};
+    uint64_t from;
+    uint8_t hash[KL_HASH_LEN];
+    kl_log_head_hash(log, hash);
+    int rc = kl_proj_rebuild(&p, log, data, lg, &from, err);
+    if (rc == KL_OK)
+        rc = kl_proj_snapshot(p, &out);
+    if (rc == KL_OK)
+        rc = kl_snapshot_write(data, kl_proj_seq(p), hash, out.data, out.len, err);
+    *bytes = out.len + 72;      /* the header: log/snapshot.c */
+    kl_buf_free(&out);
+    kl_proj_free(p);
+    return rc;
+}
+
 int kl_tool_snapshot(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -43,24 +62,15 @@ int kl_tool_snapshot(int argc, char **argv)
         fprintf(stderr, "keyledger: %s\n", err.msg);
         return 1;
     }
-    kl_proj *p = NULL;
-    uint64_t from;
-    kl_buf out = {0};
-    uint8_t hash[KL_HASH_LEN];
-    kl_log_head_hash(log, hash);
-    int rc = kl_proj_rebuild(&p, log, data, &lg, &from, &err);
+    uint64_t bytes = 0;
+    int rc = kl_tool_write_snapshot(log, data, &lg, &bytes, &err);
+    uint64_t seq = kl_log_head_seq(log);
     if (rc == KL_OK)
-        rc = kl_proj_snapshot(p, &out);
-    if (rc == KL_OK)
-        rc = kl_snapshot_write(data, kl_proj_seq(p), hash, out.data, out.len, &err);
-    if (rc == KL_OK)
-        printf("{\"snapshot\":\"snapshot-%020llu.kls\",\"seq\":%llu,\"bytes\":%zu}\n",
-               (unsigned long long)kl_proj_seq(p), (unsigned long long)kl_proj_seq(p),
-               out.len + 72);
+        printf("{\"snapshot\":\"snapshot-%020llu.kls\",\"seq\":%llu,\"bytes\":%llu}\n",
+               (unsigned long long)seq, (unsigned long long)seq,
+               (unsigned long long)bytes);
     else
         fprintf(stderr, "keyledger: %s\n", rc == KL_ENOMEM ? "out of memory" : err.msg);
-    kl_buf_free(&out);
-    kl_proj_free(p);
     kl_log_close(log);
     return rc == KL_OK ? 0 : 1;
 }

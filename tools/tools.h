@@ -17,6 +17,12 @@ int kl_tool_state(int argc, char **argv);
 int kl_tool_snapshot(int argc, char **argv);
 int kl_tool_compact(int argc, char **argv);
 
+/* Writes the snapshot of the state at the head of `log` (its data dir is
+ * `data`): the state rebuilt as the daemon does, from the newest snapshot
+ * that fits and the records after it. *bytes: the file's size. */
+int kl_tool_write_snapshot(kl_log *log, const char *data, const kl_logger *lg,
+                           uint64_t *bytes, kl_err *err);
+
 /* What a kl_tool_walk callback returns to end the walk early, not as an
  * error. */
 enum { KL_TOOL_STOP = 1 };
