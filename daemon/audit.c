@@ -174,22 +174,6 @@ static int category_parse(const char *s, uint32_t categories)
     return -1;
 }
 
-/* A decimal seq of 1 to 20 digits that fits in 64 bits. */
-static bool seq_parse(const char *s, uint64_t *out)
-{
-    size_t n = strlen(s);
-    uint64_t v = 0;
-    if (n == 0 || n > 20)
-        return false;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9' || v > (UINT64_MAX - 9) / 10)
-            return false;
-        v = v * 10 + (uint64_t)(s[i] - '0');
-    }
-    *out = v;
-    return true;
-}
-
 static int parse_time(kl_http_request *req, const char *name, bool *has,
                       int64_t *out)
 {
@@ -265,7 +249,8 @@ int kl_audit_parse(kl_daemon *d, kl_http_request *req, uint32_t categories,
     /* The cursor is the seq the previous page ended at: one this log has. */
     if ((q = kl_http_query(req, "cursor", buf, sizeof buf)) != 0) {
         uint64_t v = 0;
-        if (q < 0 || !seq_parse(buf, &v) || v == 0 || v > kl_proj_seq(d->proj)) {
+        if (q < 0 || !kl_parse_u64(buf, strlen(buf), &v) || v == 0 ||
+            v > kl_proj_seq(d->proj)) {
             kl_api_bad_arg(req, "cursor", "cursor is not one this list returned");
             return -1;
         }

@@ -425,16 +425,8 @@ static int segs_push(kl_log *log, uint64_t first)
 
 bool kl_segment_file(const char *n, uint64_t *first)
 {
-    if (strlen(n) != 24 || strcmp(n + 20, ".log") != 0)
-        return false;
-    uint64_t v = 0;
-    for (int i = 0; i < 20; i++) {
-        if (n[i] < '0' || n[i] > '9' || v > (UINT64_MAX - 9) / 10)
-            return false;
-        v = v * 10 + (uint64_t)(n[i] - '0');
-    }
-    *first = v;
-    return v > 0;
+    return strlen(n) == 24 && strcmp(n + 20, ".log") == 0 &&
+           kl_parse_u64(n, 20, first) && *first > 0;
 }
 
 static int list_segments(kl_log *log, uint64_t first, uint64_t last, kl_err *err)

@@ -79,6 +79,9 @@ void kl_buf_free(kl_buf *b);
  * transparent huge pages (log/util.c says why); returns if it cannot. */
 void kl_use_huge_pages(char **argv);
 
+/* A decimal of 1 to 20 digits (no sign, no spaces) that fits 64 bits. */
+bool kl_parse_u64(const char *s, size_t len, uint64_t *out);
+
 /* ---- ids and time ----------------------------------------------------- */
 
 /* A 128-bit time-ordered id (48-bit ms timestamp, 80 random bits), shown as

@@ -82,6 +82,20 @@ int kl_buf_printf(kl_buf *b, const char *fmt, ...)
     return KL_OK;
 }
 
+bool kl_parse_u64(const char *s, size_t len, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (len == 0 || len > 20)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9' || v > (UINT64_MAX - 9) / 10)
+            return false;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
 void kl_buf_free(kl_buf *b)
 {
     free(b->data);

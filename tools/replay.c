@@ -69,22 +69,6 @@ typedef struct replay_ctx {
     kl_err err;
 } replay_ctx;
 
-/* A decimal seq of 1 to 20 digits that fits in 64 bits. */
-static bool seq_parse(const char *s, uint64_t *out)
-{
-    size_t n = strlen(s);
-    uint64_t v = 0;
-    if (n == 0 || n > 20)
-        return false;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9' || v > (UINT64_MAX - 9) / 10)
-            return false;
-        v = v * 10 + (uint64_t)(s[i] - '0');
-    }
-    *out = v;
-    return true;
-}
-
 static bool all_digits(const char *s)
 {
     return s[0] != '\0' && strspn(s, "0123456789") == strlen(s);
@@ -117,7 +101,7 @@ static int parse(int argc, char **argv, replay_args *a)
             a->data = optarg;
             break;
         case 'f':
-            if (!seq_parse(optarg, &a->from)) {
+            if (!kl_parse_u64(optarg, strlen(optarg), &a->from)) {
                 fprintf(stderr, "keyledger: --from must be a seq (a decimal "
                         "number), not \"%s\"\n", optarg);
                 goto usage;
@@ -126,7 +110,7 @@ static int parse(int argc, char **argv, replay_args *a)
         case 'u':
             a->has_until_seq = a->has_until_time = false;
             if (all_digits(optarg)) {
-                if (!seq_parse(optarg, &a->until_seq)) {
+                if (!kl_parse_u64(optarg, strlen(optarg), &a->until_seq)) {
                     fprintf(stderr, "keyledger: --until %s is too large\n", optarg);
                     goto usage;
                 }
