@@ -138,7 +138,7 @@ static uint64_t recorded(const kl_key *k, int64_t from, int64_t to)
 static void check_key(kl_daemon *d, kl_key *k, int64_t now)
 {
     const kl_config *cfg = &d->cfg;
-    kl_org *o = k->org;
+    kl_org *o = kl_key_org(k);
     if (k->deleted || k->revoked)
         return;
     char id[KL_ID_TEXT_MAX], cond[160];     /* formatted only for a raise */
@@ -238,7 +238,7 @@ void kl_alert_failures(kl_daemon *d, const kl_key *k, const char *addr,
                             "minute", kl_json_time(minute));
     if (addr != NULL)
         json_object_set_new(det, "address", json_string(addr));
-    kl_alert_raise(d, k->org, KL_ALERT_FAILED_AUTH_SPIKE, addr != NULL ? NULL : k, cond,
+    kl_alert_raise(d, kl_key_org(k), KL_ALERT_FAILED_AUTH_SPIKE, addr != NULL ? NULL : k, cond,
                    det);
 }
 

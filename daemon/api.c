@@ -208,8 +208,8 @@ int kl_api_auth(kl_daemon *d, kl_http_request *req, kl_need need, kl_caller *c)
     }
     kl_key_touch(k, now);
     c->key = k;
-    c->org = k->org;
-    c->principal = k->owner;
+    c->org = kl_key_org(k);
+    c->principal = kl_key_owner(k);
     c->role = kl_key_role(k);
     if (need == KL_NEED_ANY)
         return 0;

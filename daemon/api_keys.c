@@ -215,7 +215,7 @@ static void settings_to_event(const key_input *in, kl_event *ev)
 static kl_key *org_key(kl_daemon *d, kl_cmd *c)
 {
     kl_key *k = kl_proj_key(d->proj, &c->target);
-    if (k == NULL || k->deleted || k->org != c->caller.org) {
+    if (k == NULL || k->deleted || kl_key_org(k) != c->caller.org) {
         kl_api_error(c->req, 404, "not_found", "no such API key", NULL);
         return NULL;
     }
@@ -392,7 +392,7 @@ void kl_daemon_list_keys(kl_daemon *d, kl_http_request *req, const kl_org *org,
          i < keys->len; i++) {
         const kl_key *k = keys->items[i];
         if ((k->revoked && !include_revoked) ||
-            (owner != NULL && !kl_id_eq(&owner->id, &k->owner.id)))
+            (owner != NULL && !kl_id_eq(&owner->id, kl_key_owner_id(k))))
             continue;
         if (n == pg->limit) {
             more = true;
@@ -415,7 +415,7 @@ void kl_h_keys_get(kl_http_request *req)
         kl_api_path_id(req, 0, KL_ID_KEY, &id) != 0)
         return;
     kl_key *k = kl_proj_key(d->proj, &id);
-    if (k == NULL || k->deleted || k->org != caller.org) {
+    if (k == NULL || k->deleted || kl_key_org(k) != caller.org) {
         kl_api_error(req, 404, "not_found", "no such API key", NULL);
         return;
     }
@@ -436,7 +436,7 @@ static kl_cmd *key_cmd(kl_http_request *req, const char *const *fields,
     /* Deleting a service account revokes its keys: keep the two apart. */
     const kl_key *k = kl_proj_key(d->proj, &c->target);
     if (k != NULL)
-        kl_cmd_lock_shared(c, &k->owner.id);
+        kl_cmd_lock_shared(c, kl_key_owner_id(k));
     c->decide = decide;
     c->render = render;
     return c;
@@ -497,8 +497,8 @@ static int decide_regenerate(kl_daemon *d, kl_cmd *c)
     }
     /* A new secret is a new key in hand: the rule for minting holds, or a
      * manager could regenerate an owner's key and act as that owner. */
-    if (k->owner.type == KL_PRINCIPAL_USER &&
-        !kl_api_may_mint_for_user(&c->caller, &k->owner.id)) {
+    if (k->owner_type == KL_PRINCIPAL_USER &&
+        !kl_api_may_mint_for_user(&c->caller, kl_key_owner_id(k))) {
         kl_api_error(c->req, 403, "permission_denied",
                      "a manager may regenerate only their own keys and service "
                      "accounts' keys", NULL);

@@ -262,7 +262,7 @@ static int decide_delete(kl_daemon *d, kl_cmd *c)
         return -1;
     for (uint32_t i = 0; i < o->keys.len; i++) {
         const kl_key *k = o->keys.items[i];
-        if (k->owner.type != KL_PRINCIPAL_SA || !kl_id_eq(&k->owner.id, &s->id) ||
+        if (k->owner_type != KL_PRINCIPAL_SA || !kl_id_eq(kl_key_owner_id(k), &s->id) ||
             k->revoked)
             continue;
         kl_event rev = {.type = KL_EV_KEY_REVOKED, .has = KL_F_ID | KL_F_COMMENT,

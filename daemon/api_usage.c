@@ -393,7 +393,7 @@ static void answer_failure(kl_http_request *req)
 static json_t *key_json(const range *r, const kl_key *k, const tally *total,
                         const tally *buckets, const uint64_t *flows)
 {
-    json_t *fl = flows_json(k->org, flows, k->org->nflow_names);
+    json_t *fl = flows_json(kl_key_org(k), flows, kl_key_org(k)->nflow_names);
     if (fl == NULL)
         return NULL;
     json_t *o = report_head(r, k);
@@ -406,7 +406,7 @@ static json_t *key_json(const range *r, const kl_key *k, const tally *total,
 static void report_key(kl_daemon *d, kl_http_request *req, const range *r,
                        const kl_key *k)
 {
-    const kl_org *org = k->org;
+    const kl_org *org = kl_key_org(k);
     tally total = {0, 0};
     tally *buckets = calloc(r->nbuckets ? r->nbuckets : 1, sizeof *buckets);
     uint64_t *flows = calloc(org->nflow_names ? org->nflow_names : 1, sizeof *flows);
@@ -547,7 +547,7 @@ void kl_h_keys_usage(kl_http_request *req)
         kl_api_path_id(req, 0, KL_ID_KEY, &id) != 0)
         return;
     const kl_key *k = kl_proj_key(d->proj, &id);
-    if (k == NULL || k->deleted || k->org != caller.org) {
+    if (k == NULL || k->deleted || kl_key_org(k) != caller.org) {
         kl_api_error(req, 404, "not_found", "no such API key", NULL);
         return;
     }

@@ -196,7 +196,7 @@ void kl_usage_note(kl_usage *u, kl_key *k, kl_str flow, uint32_t n, int64_t now)
     e->active = now;
     e->successes += n;
     e->last = now;
-    org_entry *oe = org_entry_for(u, k->org);
+    org_entry *oe = org_entry_for(u, kl_key_org(k));
     if (oe != NULL)
         oe->pending += n;
     if (flow.len > 0)
@@ -262,7 +262,7 @@ kl_rl_verdict kl_usage_admit(kl_usage *u, kl_key *k, uint32_t cost, int64_t now,
                              kl_ratelimit *rl)
 {
     memset(rl, 0, sizeof *rl);
-    kl_org *o = k->org;
+    kl_org *o = kl_key_org(k);
     if (k->rl_minute == 0 && k->rl_day == 0 && o->lim_minute == 0 &&
         o->lim_day == 0 && o->lim_month == 0)
         return KL_RL_OK;        /* nothing to count against */
@@ -374,7 +374,7 @@ static int chunk_done(kl_daemon *d, kl_cmd *c)
         if (k->usage_slot != 0)
             u->items[k->usage_slot - 1].inflight -= f->keys[i].n;
         if (f->keys[i].norg != 0) {
-            org_entry *oe = org_entry_for(u, k->org);
+            org_entry *oe = org_entry_for(u, kl_key_org(k));
             if (oe != NULL)
                 oe->inflight -= f->keys[i].norg;
         }
@@ -442,14 +442,14 @@ static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
     flushed *f = c->data;
     int64_t now = c->now;       /* the events' time */
     kl_event ev = {.type = KL_EV_USAGE_RECORDED, .has = KL_F_ID | KL_F_USAGE,
-                   .org = e->key->org->id, .id = e->key->id,
+                   .org = kl_key_org(e->key)->id, .id = e->key->id,
                    .usage_from = e->from, .usage_to = now,
                    .successes = e->successes, .failures = e->failures,
                    .last_used = e->last};
     for (uint32_t j = 0; j < e->nflows; j++) {
         flow_count *fc = &e->flows[j];
         if ((fc->successes == 0 && fc->failures == 0) ||
-            !flow_logged(u, e->key->org, fc)) {
+            !flow_logged(u, kl_key_org(e->key), fc)) {
             fc->successes = fc->failures = 0;
             continue;
         }
@@ -463,7 +463,7 @@ static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
     /* The org counted the same successes (unless it had no entry for
      * want of memory): they leave its pending count with the key's. */
     uint32_t norg = 0;
-    org_entry *oe = e->successes > 0 ? org_entry_for(u, e->key->org) : NULL;
+    org_entry *oe = e->successes > 0 ? org_entry_for(u, kl_key_org(e->key)) : NULL;
     if (oe != NULL) {
         norg = oe->pending < e->successes ? (uint32_t)oe->pending : e->successes;
         oe->pending -= norg;
@@ -478,7 +478,7 @@ static void entry_flush(kl_usage *u, entry *e, kl_cmd *c)
         if (oe != NULL)
             oe->inflight += norg;
     }
-    if (auth_failed(d, c, &e->key->org->id, &e->key->id, e->why, e->from,
+    if (auth_failed(d, c, &kl_key_org(e->key)->id, &e->key->id, e->why, e->from,
                     now) != KL_OK)
         KL_LOGF(&d->logger, KL_WARN, "refusals not recorded: out of memory");
     memset(e->why, 0, sizeof e->why);

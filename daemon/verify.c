@@ -184,17 +184,18 @@ static size_t answer(char *buf, size_t len, outcome v, const kl_key *k,
         puts_(&w, ",\"key_id\":");
         json_id(&w, KL_ID_KEY, &k->id);
         puts_(&w, ",\"org_id\":");
-        json_id(&w, KL_ID_ORG, &k->org->id);
+        json_id(&w, KL_ID_ORG, &kl_key_org(k)->id);
         puts_(&w, ",\"owner\":{\"type\":\"");
-        puts_(&w, kl_principal_name(k->owner.type));
+        puts_(&w, kl_principal_name(k->owner_type));
         puts_(&w, "\",\"id\":");
-        json_id(&w, k->owner.type == KL_PRINCIPAL_SA ? KL_ID_SA : KL_ID_USER, &k->owner.id);
+        json_id(&w, k->owner_type == KL_PRINCIPAL_SA ? KL_ID_SA : KL_ID_USER,
+                kl_key_owner_id(k));
         puts_(&w, "},\"permissions\":{\"access\":\"");
         puts_(&w, kl_access_name(k->access));
         put(&w, "\"", 1);
         if (k->access == KL_ACCESS_FLOWS) {
             puts_(&w, ",\"flows\":[");
-            for (uint32_t i = 0; i < k->nflows; i++) {
+            for (uint32_t i = 0; i < kl_key_nflows(k); i++) {
                 if (i > 0)
                     put(&w, ",", 1);
                 json_str(&w, kl_key_flow(k, i));
@@ -228,7 +229,7 @@ typedef struct request {
 
 static bool flow_allowed(const kl_key *k, kl_str flow)
 {
-    for (uint32_t i = 0; i < k->nflows; i++)
+    for (uint32_t i = 0; i < kl_key_nflows(k); i++)
         if (strlen(kl_key_flow(k, i)) == flow.len &&
             memcmp(kl_key_flow(k, i), flow.ptr, flow.len) == 0)
             return true;

@@ -7,15 +7,46 @@
 
 /* Entities stored here must begin with their kl_id. */
 typedef struct kl_idmap {
-    void **slots;               /* NULL marks an empty slot */
+    uint64_t *slots;            /* tag | pointer (idmap.c); 0: empty */
     uint32_t cap, len;
 } kl_idmap;
 
 void *kl_idmap_get(const kl_idmap *m, const kl_id *id);
+void *kl_idmap_at(const kl_idmap *m, uint32_t i);  /* slot i (< cap), or NULL */
 int kl_idmap_put(kl_idmap *m, void *entity);     /* adds or replaces */
 int kl_idmap_add(kl_idmap *m, void *entity);     /* KL_EEXIST if its id is in */
 int kl_idmap_reserve(kl_idmap *m, uint32_t n);   /* room for n without growing */
 void kl_idmap_free(kl_idmap *m);
+
+/* Flow lists shared by keys (flowset.c). get finds or adds `flows` and
+ * counts one more holder; put counts one fewer and frees the list with its
+ * last holder (NULL is none). */
+typedef struct kl_flowsets {
+    kl_flowset **buckets;
+    uint32_t cap, len;
+    uint64_t seed;
+} kl_flowsets;
+
+int kl_flowsets_get(kl_flowsets *t, const kl_str *flows, uint32_t n,
+                    const kl_flowset **out);
+void kl_flowsets_put(kl_flowsets *t, const kl_flowset *set);
+void kl_flowsets_free(kl_flowsets *t);
+
+/* Keys come from blocks of many (keys.c): a key is never freed on its own
+ * (its id stays taken), so it need not carry malloc's header and rounding,
+ * a tenth of its memory. new gives a zeroed key; drop frees what a key
+ * holds and gives the newest key back (a create that failed half way);
+ * reserve makes the next block room for n more. */
+typedef struct kl_key_block kl_key_block;
+typedef struct kl_key_slab {
+    kl_key_block *head;         /* the newest block; it links the older */
+    uint32_t next_cap;          /* keys in the next block */
+} kl_key_slab;
+
+kl_key *kl_keys_new(kl_key_slab *s);
+void kl_keys_drop(kl_key_slab *s, kl_key *k);
+void kl_keys_reserve(kl_key_slab *s, uint32_t n);
+void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
 
 struct kl_proj {
     uint64_t seq;
@@ -23,6 +54,8 @@ struct kl_proj {
     kl_idmap org_by_id, user_by_id, sa_by_id, key_by_id, idem_by_slot;
     kl_idmap computer_by_id, session_by_id, message_by_id;
     kl_idmap alert_by_id, alert_by_cond;
+    kl_flowsets flowsets;
+    kl_key_slab keys;
 };
 
 char *kl_p_str_dup(kl_str s);               /* NUL-terminated copy */
@@ -30,7 +63,7 @@ int kl_p_vec_reserve(kl_vec *v);            /* room for one more */
 void kl_p_vec_insert_sorted(kl_vec *v, void *item);   /* after reserve */
 /* A key's name, description, access and flows (and rate limit, expiry)
  * from the event's fields; the others stay. */
-int kl_p_key_settings(kl_key *k, const kl_event *ev);
+int kl_p_key_settings(kl_proj *p, kl_key *k, const kl_event *ev);
 void kl_p_prefix_set(kl_key *k, kl_str prefix);
 
 #endif

@@ -115,26 +115,11 @@ int kl_proj_new(kl_proj **out)
     return *out != NULL ? KL_OK : KL_ENOMEM;
 }
 
-static void key_free(kl_key *k)
-{
-    if (k->usage != NULL)
-        free(k->usage->items);
-    free(k->usage);
-    free(k->strings);
-    if (k->revoked) {
-        free(k->aside.revocation->comment);
-        free(k->aside.revocation);
-    } else {
-        free(k->aside.grace);
-    }
-    free(k);
-}
-
 static void free_all(kl_idmap *m, void (*fn)(void *))
 {
     for (uint32_t i = 0; i < m->cap; i++)
-        if (m->slots[i] != NULL)
-            fn(m->slots[i]);
+        if (kl_idmap_at(m, i) != NULL)
+            fn(kl_idmap_at(m, i));
     kl_idmap_free(m);
 }
 
@@ -172,7 +157,6 @@ static void sa_free(void *p)
     free(s);
 }
 
-static void key_free_any(void *p) { key_free(p); }
 
 static void alert_free(void *p)
 {
@@ -213,7 +197,9 @@ void kl_proj_free(kl_proj *p)
     free_all(&p->alert_by_id, alert_free);
     free_all(&p->session_by_id, session_free);
     free_all(&p->computer_by_id, computer_free);
-    free_all(&p->key_by_id, key_free_any);
+    kl_idmap_free(&p->key_by_id);
+    kl_keys_free(&p->keys);
+    kl_flowsets_free(&p->flowsets);     /* after the keys that hold them */
     free_all(&p->sa_by_id, sa_free);
     free_all(&p->user_by_id, user_free);
     free_all(&p->org_by_id, org_free);
@@ -383,11 +369,12 @@ static int apply_sa_change(kl_proj *p, kl_org *o, const kl_event *ev,
 /* ---- keys ------------------------------------------------------------- */
 
 /* Copies the settings an event carries (name, description, permissions,
- * rate limit, expiry) onto the key. The name, description and flows live in
- * one allocation (k->strings: the flow pointers, then the texts), one
- * malloc a key instead of four; a change rebuilds it from the new values
- * and the kept old ones, so a failed allocation leaves the key as it was. */
-int kl_p_key_settings(kl_key *k, const kl_event *ev)
+ * rate limit, expiry) onto the key. The name and description live in one
+ * allocation (k->strings), the flows in a list shared with the keys that
+ * name the same ones; a change builds the new ones from the new values and
+ * the kept old ones before it drops the old, so a failed allocation leaves
+ * the key as it was. */
+int kl_p_key_settings(kl_proj *p, kl_key *k, const kl_event *ev)
 {
     bool had = k->strings != NULL;
     const char *old_name = had ? kl_key_name(k) : "";
@@ -396,40 +383,29 @@ int kl_p_key_settings(kl_key *k, const kl_event *ev)
                   : (kl_str){old_name, (uint32_t)strlen(old_name)};
     kl_str desc = ev->has & KL_F_DESCRIPTION ? ev->description
                   : (kl_str){old_desc, (uint32_t)strlen(old_desc)};
-    bool new_flows = (ev->has & KL_F_ACCESS) != 0;
-    uint32_t nflows = new_flows ? ev->nflows : k->nflows;
-    size_t size = nflows * sizeof(char *) + name.len + 1 + desc.len + 1;
-    for (uint32_t i = 0; i < nflows; i++)
-        size += (new_flows ? ev->flows[i].len : strlen(kl_key_flow(k, i))) + 1;
-    if (size > UINT32_MAX)
+    if ((uint64_t)name.len + desc.len + 2 > UINT32_MAX)
         return KL_EINVAL;
-    char *blob = malloc(size);
+    char *blob = malloc((size_t)name.len + 1 + desc.len + 1);
     if (blob == NULL)
         return KL_ENOMEM;
-    char **flows = (char **)(void *)blob;
-    char *at = blob + nflows * sizeof(char *);
-    for (uint32_t i = 0; i < nflows; i++) {
-        const char *old = new_flows ? NULL : kl_key_flow(k, i);
-        kl_str f = new_flows ? ev->flows[i] : (kl_str){old, (uint32_t)strlen(old)};
-        flows[i] = at;
-        memcpy(at, f.ptr, f.len);
-        at[f.len] = '\0';
-        at += f.len + 1;
-    }
-    char *n = at;
-    memcpy(n, name.ptr, name.len);
-    n[name.len] = '\0';
-    char *dsc = n + name.len + 1;
+    memcpy(blob, name.ptr, name.len);
+    blob[name.len] = '\0';
     if (desc.len)
-        memcpy(dsc, desc.ptr, desc.len);
-    dsc[desc.len] = '\0';
-
+        memcpy(blob + name.len + 1, desc.ptr, desc.len);
+    blob[name.len + 1 + desc.len] = '\0';
+    if (ev->has & KL_F_ACCESS) {
+        const kl_flowset *flows = NULL;
+        if (ev->nflows > 0 &&
+            kl_flowsets_get(&p->flowsets, ev->flows, ev->nflows, &flows) != KL_OK) {
+            free(blob);
+            return KL_ENOMEM;
+        }
+        kl_flowsets_put(&p->flowsets, k->flows);
+        k->flows = flows;
+        k->access = ev->access;
+    }
     free(k->strings);
     k->strings = blob;
-    k->name_off = (uint32_t)(n - blob);
-    k->nflows = nflows;
-    if (new_flows)
-        k->access = ev->access;
     if (ev->has & KL_F_RATE_LIMIT) {
         k->rl_minute = ev->rl_minute;
         k->rl_day = ev->rl_day;
@@ -460,12 +436,11 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     }
     if (owner == NULL)
         return misfit(err, ev, "no such owner in the organization");
-    kl_key *k = calloc(1, sizeof *k);
+    kl_key *k = kl_keys_new(&p->keys);
     if (k == NULL)
         return KL_ENOMEM;
     k->id = ev->id;
-    k->org = o;
-    k->owner = (kl_ref){ev->owner_type, ev->owner};
+    k->owner_type = (uint8_t)ev->owner_type;
     k->owner_ptr = owner;
     k->created_by = actor_ref(ev);
     k->env = ev->env;
@@ -473,9 +448,10 @@ static int apply_key_created(kl_proj *p, kl_org *o, const kl_event *ev,
     kl_p_prefix_set(k, ev->prefix);
     k->created_at = k->updated_at = k->rotated_at = ev->ts;
     k->version = 1;
-    if (kl_p_key_settings(k, ev) != KL_OK || kl_p_vec_reserve(&o->keys) != KL_OK ||
+    if (kl_p_key_settings(p, k, ev) != KL_OK || kl_p_vec_reserve(&o->keys) != KL_OK ||
         kl_idmap_put(&p->key_by_id, k) != KL_OK) {
-        key_free(k);
+        kl_flowsets_put(&p->flowsets, k->flows);
+        kl_keys_drop(&p->keys, k);
         return KL_ENOMEM;
     }
     kl_p_vec_insert_sorted(&o->keys, k);
@@ -486,11 +462,11 @@ static int apply_key_change(kl_proj *p, kl_org *o, const kl_event *ev,
                             kl_err *err)
 {
     kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
-    if (k == NULL || k->org != o || k->deleted)
+    if (k == NULL || kl_key_org(k) != o || k->deleted)
         return misfit(err, ev, "no such key in the organization");
     switch (ev->type) {
     case KL_EV_KEY_UPDATED:
-        if (kl_p_key_settings(k, ev) != KL_OK)
+        if (kl_p_key_settings(p, k, ev) != KL_OK)
             return KL_ENOMEM;
         break;
     case KL_EV_KEY_REGENERATED:
@@ -770,7 +746,7 @@ static int bucket_add(kl_key *k, int64_t hour, uint32_t flow, uint32_t ok,
 static int apply_usage(kl_proj *p, kl_org *o, const kl_event *ev, kl_err *err)
 {
     kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
-    if (k == NULL || k->org != o)
+    if (k == NULL || kl_key_org(k) != o)
         return misfit(err, ev, "usage of a key not in the organization");
     if (ev->last_used > k->last_used_at)
         k->last_used_at = ev->last_used;
@@ -937,7 +913,7 @@ int kl_proj_apply(kl_proj *p, const kl_event *ev, kl_err *err)
     case KL_EV_AUTH_FAILED: {
         /* Only history: the refusals change no state. */
         const kl_key *k = kl_idmap_get(&p->key_by_id, &ev->id);
-        rc = !(ev->has & KL_F_ID) || (k != NULL && k->org == o)
+        rc = !(ev->has & KL_F_ID) || (k != NULL && kl_key_org(k) == o)
                  ? KL_OK
                  : misfit(err, ev, "refusals of a key not in the organization");
         break;
@@ -1071,7 +1047,7 @@ const char *kl_key_status_name(kl_key_status s)
 
 bool kl_key_owner_enabled(const kl_key *k)
 {
-    if (k->owner.type == KL_PRINCIPAL_USER)
+    if (k->owner_type == KL_PRINCIPAL_USER)
         return !((const kl_user *)k->owner_ptr)->removed;
     const kl_sa *s = k->owner_ptr;
     return s->active && !s->deleted;
@@ -1090,7 +1066,7 @@ void kl_key_touch(kl_key *k, int64_t now)
 
 kl_role kl_key_role(const kl_key *k)
 {
-    if (k->owner.type == KL_PRINCIPAL_USER)
+    if (k->owner_type == KL_PRINCIPAL_USER)
         return ((const kl_user *)k->owner_ptr)->role;
     return ((const kl_sa *)k->owner_ptr)->role;
 }

@@ -117,15 +117,26 @@ typedef struct kl_key_revocation {
 
 /* Fields are ordered so that the struct packs without holes: a key is the
  * entity there are most of. */
+/* The flows a key with access "flows" may call, in the order given. Keys
+ * with the same list share one (projections/flowset.c). */
+typedef struct kl_flowset {
+    struct kl_flowset *next;    /* the intern table's chain */
+    uint64_t hash;
+    uint32_t refs;              /* keys holding it */
+    uint32_t n;
+    const char *flow[];         /* n names; the names follow */
+} kl_flowset;
+
 typedef struct kl_key {
     kl_id id;
-    kl_ref owner;
     kl_ref created_by;
-    kl_org *org;
-    void *owner_ptr;            /* kl_user * or kl_sa *, by owner.type */
-    char *strings;              /* one allocation: nflows flow pointers, the
-                                   flow names, the name, the description
-                                   (kl_key_name and friends below) */
+    uint32_t rl_minute;         /* 0 = no limit */
+    /* The owner, a kl_user * or kl_sa * by owner_type: both begin with
+     * their id (kl_key_owner gives the reference); the key's org is its
+     * owner's (kl_key_org). */
+    void *owner_ptr;
+    char *strings;              /* the name, NUL, the description, NUL */
+    const kl_flowset *flows;    /* NULL: none (kl_key_flow and friends) */
     kl_usage_series *usage;     /* NULL until used */
     /* A key is revoked or may be in a grace period, never both (revoking
      * ends one): one pointer serves both, `revoked` says which. Read them
@@ -142,16 +153,29 @@ typedef struct kl_key {
     char prefix[20];            /* the display prefix: the secret's first
                                    16 characters (longer only if an event
                                    says so; kept up to 19) */
-    uint32_t rl_minute, rl_day; /* 0 = no limit */
+    uint32_t rl_day;            /* 0 = no limit */
     uint32_t usage_slot;        /* the daemon's usage entry + 1;
                                    not state: the fold never reads it */
-    uint32_t name_off;          /* where the name starts in `strings` */
     uint32_t version;
+    uint8_t owner_type;         /* kl_principal: user or service account */
     uint8_t env;                /* kl_env */
     uint8_t access;             /* kl_access */
-    uint8_t nflows;             /* at most KL_MAX_FLOWS */
     bool revoked, deleted;
 } kl_key;
+
+static inline kl_org *kl_key_org(const kl_key *k)
+{
+    return k->owner_type == KL_PRINCIPAL_USER ? ((const kl_user *)k->owner_ptr)->org
+                                              : ((const kl_sa *)k->owner_ptr)->org;
+}
+static inline const kl_id *kl_key_owner_id(const kl_key *k)
+{
+    return (const kl_id *)k->owner_ptr;
+}
+static inline kl_ref kl_key_owner(const kl_key *k)
+{
+    return (kl_ref){(kl_principal)k->owner_type, *kl_key_owner_id(k)};
+}
 
 static inline const kl_key_grace *kl_key_grace_of(const kl_key *k)
 {
@@ -163,20 +187,23 @@ static inline const kl_key_revocation *kl_key_revocation_of(const kl_key *k)
 }
 
 /* A key's texts, from its one allocation (a pointer to each would make the
- * struct too big for malloc's 224-byte size class). */
+ * struct too big for malloc's 208-byte size class). */
 static inline const char *kl_key_name(const kl_key *k)
 {
-    return k->strings + k->name_off;
+    return k->strings;
 }
 static inline const char *kl_key_description(const kl_key *k)
 {
-    const char *n = kl_key_name(k);
-    return n + strlen(n) + 1;
+    return k->strings + strlen(k->strings) + 1;
 }
-/* The flows of a key with access "flows" (nflows of them). */
+/* The flows of a key with access "flows". */
+static inline uint32_t kl_key_nflows(const kl_key *k)
+{
+    return k->flows != NULL ? k->flows->n : 0;
+}
 static inline const char *kl_key_flow(const kl_key *k, uint32_t i)
 {
-    return ((char *const *)(void *)k->strings)[i];
+    return k->flows->flow[i];
 }
 
 /* Resources owned by principals (the Factory public API's computers and

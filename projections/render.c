@@ -53,17 +53,18 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
 
     json_t *o = json_object();
     json_object_set_new(o, "id", kl_json_id(KL_ID_KEY, &k->id));
-    json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &k->org->id));
+    json_object_set_new(o, "org_id", kl_json_id(KL_ID_ORG, &kl_key_org(k)->id));
     json_object_set_new(o, "name", json_string(kl_key_name(k)));
     json_object_set_new(o, "description", json_string(kl_key_description(k)));
     json_object_set_new(o, "prefix", json_string(prefix));
     json_object_set_new(o, "environment", json_string(kl_env_name(k->env)));
-    json_object_set_new(o, "owner", principal(&k->owner));
+    kl_ref owner = kl_key_owner(k);
+    json_object_set_new(o, "owner", principal(&owner));
     json_object_set_new(o, "created_by", kl_json_ref(&k->created_by));
     json_t *perm = json_pack("{s:s}", "access", kl_access_name(k->access));
     if (k->access == KL_ACCESS_FLOWS) {
         json_t *flows = json_array();
-        for (uint32_t i = 0; i < k->nflows; i++)
+        for (uint32_t i = 0; i < kl_key_nflows(k); i++)
             json_array_append_new(flows, json_string(kl_key_flow(k, i)));
         json_object_set_new(perm, "flows", flows);
     }
@@ -199,8 +200,9 @@ json_t *kl_render_alert(const kl_proj *p, const kl_alert *a)
     if (!kl_id_is_zero(&a->key)) {
         json_object_set_new(o, "key_id", kl_json_id(KL_ID_KEY, &a->key));
         const kl_key *k = kl_proj_key(p, &a->key);
-        if (k != NULL && k->owner.type == KL_PRINCIPAL_SA)
-            json_object_set_new(o, "service_account_id", kl_json_id(KL_ID_SA, &k->owner.id));
+        if (k != NULL && k->owner_type == KL_PRINCIPAL_SA)
+            json_object_set_new(o, "service_account_id",
+                                kl_json_id(KL_ID_SA, kl_key_owner_id(k)));
     }
     json_object_set_new(o, "created_at", kl_json_time(a->created_at));
     json_object_set_new(o, "status", json_string(a->acked ? "acknowledged" : "open"));

@@ -79,16 +79,17 @@ static void write_key(wr *w, const kl_key *k)
      *  buckets bin (hour i64, flow u32, successes u32, failures u32 LE)] */
     w_arr(w, 26);
     w_id(w, &k->id);
-    w_id(w, &k->org->id);
-    w_ref(w, &k->owner);
+    w_id(w, &kl_key_org(k)->id);
+    kl_ref owner = kl_key_owner(k);
+    w_ref(w, &owner);
     w_ref(w, &k->created_by);
     w_s(w, kl_key_name(k));
     w_s(w, kl_key_description(k));
     w_s(w, k->prefix);
     w_u(w, (uint64_t)k->env);
     w_u(w, (uint64_t)k->access);
-    w_arr(w, k->nflows);
-    for (uint32_t i = 0; i < k->nflows; i++)
+    w_arr(w, kl_key_nflows(k));
+    for (uint32_t i = 0; i < kl_key_nflows(k); i++)
         w_s(w, kl_key_flow(k, i));
     w_u(w, k->rl_minute);
     w_u(w, k->rl_day);
@@ -318,7 +319,7 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out)
     }
     /* Idempotency records: [slot, fingerprint, type, target, ts]. */
     for (uint32_t i = 0; i < p->idem_by_slot.cap; i++) {
-        const kl_idem *r = p->idem_by_slot.slots[i];
+        const kl_idem *r = kl_idmap_at(&p->idem_by_slot, i);
         if (r == NULL)
             continue;
         w_arr(&w, 5);
@@ -679,24 +680,26 @@ static void load_key(loader *l)
 {
     rd *r = &l->r;
     r_arr(r, 26);
-    kl_key *k = calloc(1, sizeof *k);
+    kl_key *k = kl_keys_new(&l->p->keys);
     if (k == NULL) {
         l->rc = KL_ENOMEM;
         return;
     }
     r_id(r, &k->id);
     if (bad(l) || !put(l, &l->p->key_by_id, k)) {
-        free(k);
+        kl_keys_drop(&l->p->keys, k);
         return;
     }
     kl_id org;
     r_id(r, &org);
-    k->org = org_of(l, &org);
-    r_ref(r, &k->owner);
+    kl_org *o = org_of(l, &org);
+    kl_ref owner;
+    r_ref(r, &owner);
     r_ref(r, &k->created_by);
     if (bad(l))
         return;
-    k->owner_ptr = owner_of(l, k->org, &k->owner);
+    k->owner_type = (uint8_t)owner.type;
+    k->owner_ptr = owner_of(l, o, &owner);
     kl_event ev = {.has = KL_F_NAME | KL_F_DESCRIPTION | KL_F_ACCESS};
     ev.name = r_s(r, false, NULL);
     ev.description = r_s(r, false, NULL);
@@ -710,7 +713,7 @@ static void load_key(loader *l)
         r->bad = true;
         return;
     }
-    if (kl_p_key_settings(k, &ev) != KL_OK) {
+    if (kl_p_key_settings(l->p, k, &ev) != KL_OK) {
         l->rc = KL_ENOMEM;
         return;
     }
@@ -782,7 +785,7 @@ static void load_key(loader *l)
         }
     }
     if (!bad(l))
-        push_ordered(l, k->deleted ? &k->org->deleted_keys : &k->org->keys, k);
+        push_ordered(l, k->deleted ? &kl_key_org(k)->deleted_keys : &kl_key_org(k)->keys, k);
 }
 
 static void load_computer(loader *l)
@@ -972,6 +975,8 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
     for (int k = 0; k < 9; k++)
         if (n[k] <= len / 16 && n[k] <= UINT32_MAX)
             kl_idmap_reserve(maps[k], (uint32_t)n[k]);  /* else: grown as loaded */
+    if (n[3] <= len / 16 && n[3] <= UINT32_MAX)
+        kl_keys_reserve(&l.p->keys, (uint32_t)n[3]);
     for (int k = 0; k < 9 && !bad(&l); k++) {
         l.what = KINDS[k].what;
         for (uint64_t i = 0; i < n[k] && !bad(&l); i++)

@@ -65,7 +65,7 @@ static int on_record(uint64_t seq, const uint8_t *payload, size_t len,
 static int cmp_org_key(const void *x, const void *y)
 {
     const kl_key *a = *(kl_key *const *)x, *b = *(kl_key *const *)y;
-    int r = memcmp(a->org->id.b, b->org->id.b, sizeof a->org->id.b);
+    int r = memcmp(kl_key_org(a)->id.b, kl_key_org(b)->id.b, sizeof a->id.b);
     return r != 0 ? r : memcmp(a->id.b, b->id.b, sizeof a->id.b);
 }
 
@@ -157,7 +157,7 @@ static void put_org(writer *w, const state_ctx *c, const kl_org *o)
     size_t lo = 0, hi = c->ndeleted;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (memcmp(c->deleted[mid]->org->id.b, o->id.b, sizeof o->id.b) < 0)
+        if (memcmp(kl_key_org(c->deleted[mid])->id.b, o->id.b, sizeof o->id.b) < 0)
             lo = mid + 1;
         else
             hi = mid;
@@ -167,7 +167,7 @@ static void put_org(writer *w, const state_ctx *c, const kl_org *o)
     list_open(w, "api_keys");
     for (;;) {
         const kl_key *live = i < o->keys.len ? o->keys.items[i] : NULL;
-        const kl_key *gone = d < c->ndeleted && c->deleted[d]->org == o
+        const kl_key *gone = d < c->ndeleted && kl_key_org(c->deleted[d]) == o
                                  ? c->deleted[d] : NULL;
         if (live == NULL && gone == NULL)
             break;

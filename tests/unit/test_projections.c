@@ -205,11 +205,12 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
     char a[33], c[33], d[33], e[33], h[65], oh[65];
     /* The pointers agree with the ids, inside this state. */
     assert_ptr_equal(kl_proj_key(p, &k->id), k);
-    assert_ptr_equal(kl_proj_org(p, &k->org->id), k->org);
-    if (k->owner.type == KL_PRINCIPAL_USER)
-        assert_ptr_equal(kl_proj_user(p, &k->owner.id), k->owner_ptr);
+    assert_ptr_equal(kl_proj_org(p, &kl_key_org(k)->id), kl_key_org(k));
+    kl_ref owner = kl_key_owner(k);
+    if (owner.type == KL_PRINCIPAL_USER)
+        assert_ptr_equal(kl_proj_user(p, &owner.id), k->owner_ptr);
     else
-        assert_ptr_equal(kl_proj_sa(p, &k->owner.id), k->owner_ptr);
+        assert_ptr_equal(kl_proj_sa(p, &owner.id), k->owner_ptr);
     kl_hex(k->hash, KL_HASH_LEN, h);
     static const kl_key_grace no_grace;
     static const kl_key_revocation no_revocation;
@@ -220,11 +221,11 @@ static void dump_key(kl_buf *b, const kl_proj *p, const kl_key *k)
     kl_hex(g->old_hash, KL_HASH_LEN, oh);
     kl_buf_printf(b, "key %s org=%s owner=%d:%s by=%d:%s name=[%s] desc=[%s] "
                   "prefix=[%s] env=%d access=%d flows=%u",
-                  idtxt(&k->id, a), idtxt(&k->org->id, c), k->owner.type,
-                  idtxt(&k->owner.id, d), k->created_by.type,
+                  idtxt(&k->id, a), idtxt(&kl_key_org(k)->id, c), owner.type,
+                  idtxt(&owner.id, d), k->created_by.type,
                   idtxt(&k->created_by.id, e), kl_key_name(k), kl_key_description(k),
-                  k->prefix, k->env, k->access, k->nflows);
-    for (uint32_t i = 0; i < k->nflows; i++)
+                  k->prefix, k->env, k->access, kl_key_nflows(k));
+    for (uint32_t i = 0; i < kl_key_nflows(k); i++)
         kl_buf_printf(b, " [%s]", kl_key_flow(k, i));
     kl_buf_printf(b, " rl=%u/%u at=%lld/%lld exp=%lld used=%lld hash=%s old=%s "
                   "until=%lld revoked=%d deleted=%d revoked_at=%lld "
@@ -427,9 +428,9 @@ static void test_key_lifecycle(void **state)
     memcpy(h1, ev.hash, KL_HASH_LEN);
     kl_key *k = kl_proj_key(w->p, &kid);
     assert_non_null(k);
-    assert_ptr_equal(k->org, o);
-    assert_int_equal(k->owner.type, KL_PRINCIPAL_USER);
-    assert_true(kl_id_eq(&k->owner.id, &uid));
+    assert_ptr_equal(kl_key_org(k), o);
+    assert_int_equal(kl_key_owner(k).type, KL_PRINCIPAL_USER);
+    assert_true(kl_id_eq(kl_key_owner_id(k), &uid));
     assert_ptr_equal(k->owner_ptr, u);
     assert_int_equal(k->created_by.type, KL_PRINCIPAL_USER);
     assert_true(kl_id_eq(&k->created_by.id, &uid));
@@ -438,7 +439,7 @@ static void test_key_lifecycle(void **state)
     assert_string_equal(k->prefix, "kl_live_01234567");
     assert_int_equal(k->env, KL_ENV_LIVE);
     assert_int_equal(k->access, KL_ACCESS_FLOWS);
-    assert_int_equal(k->nflows, 2);
+    assert_int_equal(kl_key_nflows(k), 2);
     assert_string_equal(kl_key_flow(k, 0), "billing.read");
     assert_string_equal(kl_key_flow(k, 1), "billing.write");
     assert_int_equal(k->rl_minute, 10);
@@ -472,7 +473,7 @@ static void test_key_lifecycle(void **state)
     apply_ok(w, &ev);
     assert_string_equal(kl_key_name(k), "deploy (prod)");
     assert_string_equal(kl_key_description(k), "");
-    assert_int_equal(k->nflows, 1);
+    assert_int_equal(kl_key_nflows(k), 1);
     assert_string_equal(kl_key_flow(k, 0), "deploy.run");
     assert_int_equal(k->rl_minute, 0);
     assert_int_equal(k->rl_day, 50);
@@ -490,7 +491,7 @@ static void test_key_lifecycle(void **state)
     assert_string_equal(kl_key_name(k), "deploy (prod)");
     assert_string_equal(kl_key_description(k), "ships builds");
     assert_int_equal(k->access, KL_ACCESS_FLOWS);
-    assert_int_equal(k->nflows, 1);
+    assert_int_equal(kl_key_nflows(k), 1);
     assert_int_equal(k->rl_day, 50);
     /* Access without flows drops the old flows. */
     ev = id_event(w, KL_EV_KEY_UPDATED, &kid);
@@ -498,7 +499,7 @@ static void test_key_lifecycle(void **state)
     ev.access = KL_ACCESS_READ_ONLY;
     apply_ok(w, &ev);
     assert_int_equal(k->access, KL_ACCESS_READ_ONLY);
-    assert_int_equal(k->nflows, 0);
+    assert_int_equal(kl_key_nflows(k), 0);
     assert_int_equal(k->version, 4);
 
     /* Regenerate with a grace period: the old hash stays valid until then. */
@@ -621,6 +622,114 @@ static void test_status_at(void **state)
 }
 
 /* ---- owners --------------------------------------------------------------- */
+
+/* Keys naming the same flows in the same order share one list; a change
+ * of one key's flows leaves the others' alone, and a list no key holds is
+ * gone (ASan would see it leak or be used after it is freed). */
+static kl_id flows_key(world *w, const kl_id *owner, const char *a, const char *b)
+{
+    kl_event ev = key_event(w, KL_PRINCIPAL_USER, owner);
+    ev.access = KL_ACCESS_FLOWS;
+    ev.flows[0] = S(a);
+    ev.flows[1] = S(b);
+    ev.nflows = 2;
+    apply_ok(w, &ev);
+    return ev.id;
+}
+
+static void test_shared_flow_lists(void **state)
+{
+    (void)state;
+    world *w = world_new();
+    org_created(w, "o");
+    kl_id uid = user_invited(w, "owner@x.io", KL_ROLE_OWNER);
+    kl_id id1 = flows_key(w, &uid, "orders", "refunds");
+    kl_id id2 = flows_key(w, &uid, "orders", "refunds");
+    kl_id id3 = flows_key(w, &uid, "refunds", "orders");
+    kl_id id4 = flows_key(w, &uid, "ordersr", "efunds");
+    kl_key *k1 = kl_proj_key(w->p, &id1);
+    kl_key *k2 = kl_proj_key(w->p, &id2), *k3 = kl_proj_key(w->p, &id3);
+    kl_key *k4 = kl_proj_key(w->p, &id4);
+    assert_ptr_equal(k1->flows, k2->flows);
+    assert_int_equal(k1->flows->refs, 2);
+    assert_true(k3->flows != k1->flows);    /* order is part of the list */
+    assert_true(k4->flows != k1->flows);    /* so are the names' bounds */
+    assert_string_equal(kl_key_flow(k4, 0), "ordersr");
+    assert_string_equal(kl_key_flow(k4, 1), "efunds");
+
+    /* k1 moves to k3's list: k2 keeps its own, now held once. */
+    kl_event ev = id_event(w, KL_EV_KEY_UPDATED, &id1);
+    ev.has |= KL_F_ACCESS;
+    ev.access = KL_ACCESS_FLOWS;
+    ev.flows[0] = S("refunds");
+    ev.flows[1] = S("orders");
+    ev.nflows = 2;
+    apply_ok(w, &ev);
+    assert_ptr_equal(k1->flows, k3->flows);
+    assert_int_equal(k3->flows->refs, 2);
+    assert_int_equal(k2->flows->refs, 1);
+    assert_string_equal(kl_key_flow(k2, 0), "orders");
+    assert_string_equal(kl_key_flow(k2, 1), "refunds");
+
+    /* k2 gives up flows: its list goes; a new key with it makes a new one. */
+    ev = id_event(w, KL_EV_KEY_UPDATED, &id2);
+    ev.has |= KL_F_ACCESS;
+    ev.access = KL_ACCESS_FULL;
+    apply_ok(w, &ev);
+    assert_null(k2->flows);
+    assert_int_equal(kl_key_nflows(k2), 0);
+    kl_id id5 = flows_key(w, &uid, "orders", "refunds");
+    assert_int_equal(kl_proj_key(w->p, &id5)->flows->refs, 1);
+
+    /* Many lists: the table grows and keeps every one. */
+    char a[32], b[32];
+    kl_id many[200];
+    for (int i = 0; i < 200; i++) {
+        snprintf(a, sizeof a, "flow.%d", i);
+        snprintf(b, sizeof b, "flow.%d", i % 7);
+        many[i] = flows_key(w, &uid, a, b);
+    }
+    for (int i = 0; i < 200; i++) {
+        const kl_key *k = kl_proj_key(w->p, &many[i]);
+        snprintf(a, sizeof a, "flow.%d", i);
+        assert_string_equal(kl_key_flow(k, 0), a);
+        assert_int_equal(k->flows->refs, 1);
+    }
+    world_free(w);
+}
+
+/* The id index across many resizes: every key found, no other id found
+ * (ids made in the same millisecond differ only in their random bits). */
+static void test_many_keys_found(void **state)
+{
+    (void)state;
+    world *w = world_new();
+    org_created(w, "o");
+    kl_id uid = user_invited(w, "owner@x.io", KL_ROLE_OWNER);
+    enum { N = 20000 };
+    kl_id *ids = malloc(N * sizeof *ids);
+    assert_non_null(ids);
+    for (int i = 0; i < N; i++) {
+        kl_event ev = key_event(w, KL_PRINCIPAL_USER, &uid);
+        apply_ok(w, &ev);
+        ids[i] = ev.id;
+    }
+    for (int i = 0; i < N; i++) {
+        const kl_key *k = kl_proj_key(w->p, &ids[i]);
+        assert_non_null(k);
+        assert_true(kl_id_eq(&k->id, &ids[i]));
+        kl_id other = ids[i];
+        other.b[15] ^= 0x5a;
+        const kl_key *o = kl_proj_key(w->p, &other);
+        assert_true(o == NULL || kl_id_eq(&o->id, &other));
+        assert_null(kl_proj_key(w->p, &(kl_id){{0}}));
+    }
+    kl_proj_stats st;
+    kl_proj_stats_get(w->p, &st);
+    assert_int_equal(st.keys, N);
+    free(ids);
+    world_free(w);
+}
 
 static void test_role_follows_owner(void **state)
 {
@@ -1493,6 +1602,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_lifecycle),
         cmocka_unit_test(test_status_at),
+        cmocka_unit_test(test_shared_flow_lists),
+        cmocka_unit_test(test_many_keys_found),
         cmocka_unit_test(test_role_follows_owner),
         cmocka_unit_test(test_owner_enabled),
         cmocka_unit_test(test_misfits_leave_state_unchanged),
