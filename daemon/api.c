@@ -564,29 +564,39 @@ int kl_api_idem_replay(kl_daemon *d, kl_cmd *c)
     return -1;
 }
 
+void kl_cmd_answer_text(kl_daemon *d, kl_cmd *c, int status, const char *text,
+                        size_t len)
+{
+    if (c->has_idem)
+        kl_idem_cache_put(d->idem, &c->idem_slot, status, text, len, c->now);
+    kl_http_respond(c->req, status, text != NULL ? "application/json" : NULL, NULL,
+                    text, len);
+}
+
 void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body)
 {
-    char *text = NULL;
-    size_t len = 0;
-    if (body != NULL) {
-        len = json_dumpb(body, NULL, 0, JSON_COMPACT);
-        text = malloc(len > 0 ? len : 1);
+    if (body == NULL) {
+        kl_cmd_answer_text(d, c, status, NULL, 0);
+        return;
+    }
+    /* One dump into the stack when it fits (most answers), else a second
+     * one into a buffer of the size the first measured. */
+    char stack[4096], *text = stack;
+    size_t len = json_dumpb(body, stack, sizeof stack, JSON_COMPACT);
+    if (len > sizeof stack) {
+        text = malloc(len);
         if (text == NULL || json_dumpb(body, text, len, JSON_COMPACT) != len) {
             json_decref(body);
             free(text);
             kl_api_error(c->req, 500, "internal", "out of memory", NULL);
             return;
         }
-        json_decref(body);
     }
-    if (c->has_idem)
-        kl_idem_cache_put(d->idem, &c->idem_slot, status, text, len, c->now);
-    kl_http_respond(c->req, status, text ? "application/json" : NULL, NULL, text,
-                    len);
-    if (text != NULL) {
-        OPENSSL_cleanse(text, len);   /* it may hold a new secret */
+    json_decref(body);
+    kl_cmd_answer_text(d, c, status, text, len);
+    OPENSSL_cleanse(text, len);     /* it may hold a new secret */
+    if (text != stack)
         free(text);
-    }
 }
 
 /* ---- commands --------------------------------------------------------- */

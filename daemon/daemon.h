@@ -379,6 +379,9 @@ int kl_api_idem_replay(kl_daemon *d, kl_cmd *c);
 /* Answer a command with `body` (dumped and freed; NULL for 204) and keep the
  * answer for Idempotency-Key replays. */
 void kl_cmd_answer(kl_daemon *d, kl_cmd *c, int status, json_t *body);
+/* The same with an answer already written as JSON text (NULL for 204). */
+void kl_cmd_answer_text(kl_daemon *d, kl_cmd *c, int status, const char *text,
+                        size_t len);
 /* Starts a write command for req: `data_size` zeroed bytes of handler data
  * in c->data, the body owned, Idempotency-Key read. Answers the request and
  * returns NULL on failure. */

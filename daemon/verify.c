@@ -125,96 +125,51 @@ _Static_assert((int)V_USAGE_EXCEEDED + 1 == (int)KL_VERIFY_NCODES,
                "one code per outcome");
 
 /* The answer, written straight into `out` (the hot path: no JSON tree).
- * Ids, codes, enums and times need no escaping; flow ids may hold any
- * character, so they go through json_str. ANSWER_MAX holds the longest
- * answer: 64 flow ids of 128 characters, each escaped to 6 bytes. */
+ * ANSWER_MAX holds the longest answer: 64 flow ids of 128 characters, each
+ * escaped to 6 bytes. */
 enum { ANSWER_MAX = 1024 + KL_MAX_FLOWS * (6 * KL_MAX_FLOW_LEN + 3) };
-typedef struct writer {
-    char *p, *end;
-    bool full;
-} writer;
-
-static void put(writer *w, const char *s, size_t n)
-{
-    if (w->full || (size_t)(w->end - w->p) < n) {
-        w->full = true;
-        return;
-    }
-    memcpy(w->p, s, n);
-    w->p += n;
-}
-
-static void puts_(writer *w, const char *s) { put(w, s, strlen(s)); }
-
-static void json_str(writer *w, const char *s)
-{
-    static const char hex[] = "0123456789abcdef";
-    put(w, "\"", 1);
-    for (const unsigned char *c = (const unsigned char *)s; *c != '\0'; c++) {
-        if (*c == '"' || *c == '\\') {
-            char esc[2] = {'\\', (char)*c};
-            put(w, esc, 2);
-        } else if (*c < 0x20) {
-            char esc[6] = {'\\', 'u', '0', '0', hex[*c >> 4], hex[*c & 15]};
-            put(w, esc, 6);
-        } else {
-            put(w, (const char *)c, 1);
-        }
-    }
-    put(w, "\"", 1);
-}
-
-static void json_id(writer *w, kl_id_kind kind, const kl_id *id)
-{
-    char text[KL_ID_TEXT_MAX];
-    kl_id_format(kind, id, text);
-    put(w, "\"", 1);
-    puts_(w, text);
-    put(w, "\"", 1);
-}
 
 static size_t answer(char *buf, size_t len, outcome v, const kl_key *k,
                      const kl_ratelimit *rl)
 {
-    writer w = {buf, buf + len, false};
-    puts_(&w, v == V_VALID ? "{\"valid\":true,\"code\":\"" : "{\"valid\":false,\"code\":\"");
-    puts_(&w, kl_verify_codes[v]);
-    put(&w, "\"", 1);
+    kl_jw w = {buf, buf + len, false};
+    kl_jw_lit(&w, v == V_VALID ? "{\"valid\":true,\"code\":\"" : "{\"valid\":false,\"code\":\"");
+    kl_jw_lit(&w, kl_verify_codes[v]);
+    kl_jw_raw(&w, "\"", 1);
     if (k != NULL) {
-        puts_(&w, ",\"key_id\":");
-        json_id(&w, KL_ID_KEY, &k->id);
-        puts_(&w, ",\"org_id\":");
-        json_id(&w, KL_ID_ORG, &kl_key_org(k)->id);
-        puts_(&w, ",\"owner\":{\"type\":\"");
-        puts_(&w, kl_principal_name(k->owner_type));
-        puts_(&w, "\",\"id\":");
-        json_id(&w, k->owner_type == KL_PRINCIPAL_SA ? KL_ID_SA : KL_ID_USER,
-                kl_key_owner_id(k));
-        puts_(&w, "},\"permissions\":{\"access\":\"");
-        puts_(&w, kl_access_name(k->access));
-        put(&w, "\"", 1);
+        kl_jw_lit(&w, ",\"key_id\":");
+        kl_jw_id(&w, KL_ID_KEY, &k->id);
+        kl_jw_lit(&w, ",\"org_id\":");
+        kl_jw_id(&w, KL_ID_ORG, &kl_key_org(k)->id);
+        kl_jw_lit(&w, ",\"owner\":{\"type\":\"");
+        kl_jw_lit(&w, kl_principal_name(k->owner_type));
+        kl_jw_lit(&w, "\",\"id\":");
+        kl_jw_id(&w, k->owner_type == KL_PRINCIPAL_SA ? KL_ID_SA : KL_ID_USER,
+                 kl_key_owner_id(k));
+        kl_jw_lit(&w, "},\"permissions\":{\"access\":\"");
+        kl_jw_lit(&w, kl_access_name(k->access));
+        kl_jw_raw(&w, "\"", 1);
         if (k->access == KL_ACCESS_FLOWS) {
-            puts_(&w, ",\"flows\":[");
+            kl_jw_lit(&w, ",\"flows\":[");
             for (uint32_t i = 0; i < kl_key_nflows(k); i++) {
                 if (i > 0)
-                    put(&w, ",", 1);
-                json_str(&w, kl_key_flow(k, i));
+                    kl_jw_raw(&w, ",", 1);
+                kl_jw_str(&w, kl_key_flow(k, i));
             }
-            put(&w, "]", 1);
+            kl_jw_raw(&w, "]", 1);
         }
-        put(&w, "}", 1);
+        kl_jw_raw(&w, "}", 1);
         if (rl->limit != 0) {
-            char t[KL_TIME_TEXT_LEN + 1], num[64];
-            kl_time_format(rl->reset_at, t);
-            snprintf(num, sizeof num, ",\"ratelimit\":{\"limit\":%llu,\"remaining\":%llu",
-                     (unsigned long long)rl->limit, (unsigned long long)rl->remaining);
-            puts_(&w, num);
-            puts_(&w, ",\"reset_at\":\"");
-            puts_(&w, t);
-            puts_(&w, "\"}");
+            kl_jw_lit(&w, ",\"ratelimit\":{\"limit\":");
+            kl_jw_uint(&w, rl->limit);
+            kl_jw_lit(&w, ",\"remaining\":");
+            kl_jw_uint(&w, rl->remaining);
+            kl_jw_lit(&w, ",\"reset_at\":");
+            kl_jw_time(&w, rl->reset_at);
+            kl_jw_raw(&w, "}", 1);
         }
     }
-    put(&w, "}", 1);
+    kl_jw_raw(&w, "}", 1);
     assert(!w.full);            /* ANSWER_MAX is the longest answer */
     return (size_t)(w.p - buf);
 }

@@ -380,6 +380,25 @@ json_t *kl_render_alert(const kl_proj *p, const kl_alert *a);
 json_t *kl_json_id(kl_id_kind kind, const kl_id *id);
 json_t *kl_json_time(int64_t ms);
 json_t *kl_json_ref(const kl_ref *r);   /* "usr_…" / "sa_…" id string */
+
+/* JSON text written straight into a caller's buffer, without a tree: the
+ * answers on hot paths (a verification, a key). Strings are escaped as
+ * jansson escapes them, so text and tree answers read alike byte for byte.
+ * A write that does not fit sets `full` and stops writing. */
+typedef struct kl_jw {
+    char *p, *end;
+    bool full;
+} kl_jw;
+void kl_jw_raw(kl_jw *w, const char *s, size_t n);
+void kl_jw_lit(kl_jw *w, const char *s);              /* unescaped, as is */
+void kl_jw_str(kl_jw *w, const char *s);              /* a JSON string */
+void kl_jw_id(kl_jw *w, kl_id_kind kind, const kl_id *id);
+void kl_jw_time(kl_jw *w, int64_t ms);
+void kl_jw_uint(kl_jw *w, uint64_t v);
+/* kl_render_key as text, with `key` (the new secret) last when not NULL;
+ * kl_render_key_max is room enough for it. */
+void kl_render_key_text(kl_jw *w, const kl_key *k, int64_t now, const char *secret);
+size_t kl_render_key_max(const kl_key *k, const char *secret);
 /* An event as the audit history and `keyledger replay` show it (API.md
  * "Audit history"; docs/audit.md): `hash` is its record's chain hash. */
 json_t *kl_render_event(const kl_event *ev, const uint8_t hash[KL_HASH_LEN]);

@@ -96,6 +96,189 @@ json_t *kl_render_key(const kl_key *k, int64_t now)
     return o;
 }
 
+/* ---- JSON text without a tree ------------------------------------------ */
+
+void kl_jw_raw(kl_jw *w, const char *s, size_t n)
+{
+    if (w->full || (size_t)(w->end - w->p) < n) {
+        w->full = true;
+        return;
+    }
+    memcpy(w->p, s, n);
+    w->p += n;
+}
+
+void kl_jw_lit(kl_jw *w, const char *s) { kl_jw_raw(w, s, strlen(s)); }
+
+/* As jansson's dump: '"', '\\' and the five short escapes, \u00XX for the
+ * other control characters, everything else (UTF-8 included) as it is. */
+void kl_jw_str(kl_jw *w, const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    kl_jw_raw(w, "\"", 1);
+    const char *run = s;
+    for (const unsigned char *c = (const unsigned char *)s;; c++) {
+        if (*c >= 0x20 && *c != '"' && *c != '\\')
+            continue;
+        kl_jw_raw(w, run, (size_t)((const char *)c - run));
+        if (*c == '\0')
+            break;
+        char esc[6] = {'\\', (char)*c};
+        size_t n = 2;
+        switch (*c) {
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        case '"': case '\\': break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = hex[*c >> 4];
+            esc[5] = hex[*c & 15];
+            n = 6;
+        }
+        kl_jw_raw(w, esc, n);
+        run = (const char *)c + 1;
+    }
+    kl_jw_raw(w, "\"", 1);
+}
+
+void kl_jw_id(kl_jw *w, kl_id_kind kind, const kl_id *id)
+{
+    char text[KL_ID_TEXT_MAX + 2];
+    text[0] = '"';
+    kl_id_format(kind, id, text + 1);
+    size_t n = strlen(text);
+    text[n] = '"';
+    kl_jw_raw(w, text, n + 1);
+}
+
+void kl_jw_time(kl_jw *w, int64_t ms)
+{
+    char text[KL_TIME_TEXT_LEN + 3];
+    text[0] = '"';
+    kl_time_format(ms, text + 1);
+    text[KL_TIME_TEXT_LEN + 1] = '"';
+    kl_jw_raw(w, text, KL_TIME_TEXT_LEN + 2);
+}
+
+void kl_jw_uint(kl_jw *w, uint64_t v)
+{
+    char text[24];
+    int n = snprintf(text, sizeof text, "%" PRIu64, v);
+    kl_jw_raw(w, text, (size_t)n);
+}
+
+static void jw_ref(kl_jw *w, const kl_ref *r)
+{
+    if (r->type == KL_PRINCIPAL_USER || r->type == KL_PRINCIPAL_SA)
+        kl_jw_id(w, r->type == KL_PRINCIPAL_USER ? KL_ID_USER : KL_ID_SA, &r->id);
+    else
+        kl_jw_lit(w, "\"system\"");
+}
+
+/* Every text of the key escaped at worst (6 bytes a byte) plus the fixed
+ * part: ids, times, names of enums and the members' names. */
+size_t kl_render_key_max(const kl_key *k, const char *secret)
+{
+    size_t n = strlen(kl_key_name(k)) + strlen(kl_key_description(k)) + sizeof k->prefix;
+    for (uint32_t i = 0; i < kl_key_nflows(k); i++)
+        n += strlen(kl_key_flow(k, i)) + 3;
+    const kl_key_revocation *r = kl_key_revocation_of(k);
+    if (r != NULL && r->comment != NULL)
+        n += strlen(r->comment);
+    if (secret != NULL)
+        n += strlen(secret);
+    return 6 * n + 1024;
+}
+
+/* Member for member what kl_render_key builds, in its order. */
+void kl_render_key_text(kl_jw *w, const kl_key *k, int64_t now, const char *secret)
+{
+    char prefix[sizeof k->prefix + 3];
+    snprintf(prefix, sizeof prefix, "%s...", k->prefix);
+    kl_jw_lit(w, "{\"id\":");
+    kl_jw_id(w, KL_ID_KEY, &k->id);
+    kl_jw_lit(w, ",\"org_id\":");
+    kl_jw_id(w, KL_ID_ORG, &kl_key_org(k)->id);
+    kl_jw_lit(w, ",\"name\":");
+    kl_jw_str(w, kl_key_name(k));
+    kl_jw_lit(w, ",\"description\":");
+    kl_jw_str(w, kl_key_description(k));
+    kl_jw_lit(w, ",\"prefix\":");
+    kl_jw_str(w, prefix);
+    kl_jw_lit(w, ",\"environment\":\"");
+    kl_jw_lit(w, kl_env_name(k->env));
+    kl_jw_lit(w, "\",\"owner\":{\"type\":\"");
+    kl_jw_lit(w, kl_principal_name(k->owner_type));
+    kl_jw_lit(w, "\",\"id\":");
+    kl_ref owner = kl_key_owner(k);
+    jw_ref(w, &owner);
+    kl_jw_lit(w, "},\"created_by\":");
+    jw_ref(w, &k->created_by);
+    kl_jw_lit(w, ",\"permissions\":{\"access\":\"");
+    kl_jw_lit(w, kl_access_name(k->access));
+    kl_jw_lit(w, "\"");
+    if (k->access == KL_ACCESS_FLOWS) {
+        kl_jw_lit(w, ",\"flows\":[");
+        for (uint32_t i = 0; i < kl_key_nflows(k); i++) {
+            if (i > 0)
+                kl_jw_raw(w, ",", 1);
+            kl_jw_str(w, kl_key_flow(k, i));
+        }
+        kl_jw_raw(w, "]", 1);
+    }
+    kl_jw_raw(w, "}", 1);
+    if (k->rl_minute != 0 || k->rl_day != 0) {
+        kl_jw_lit(w, ",\"rate_limit\":{");
+        if (k->rl_minute != 0) {
+            kl_jw_lit(w, "\"requests_per_minute\":");
+            kl_jw_uint(w, k->rl_minute);
+        }
+        if (k->rl_day != 0) {
+            kl_jw_lit(w, k->rl_minute != 0 ? ",\"requests_per_day\":"
+                                           : "\"requests_per_day\":");
+            kl_jw_uint(w, k->rl_day);
+        }
+        kl_jw_raw(w, "}", 1);
+    }
+    kl_jw_lit(w, ",\"created_at\":");
+    kl_jw_time(w, k->created_at);
+    kl_jw_lit(w, ",\"updated_at\":");
+    kl_jw_time(w, k->updated_at);
+    if (k->last_used_at != 0) {
+        kl_jw_lit(w, ",\"last_used_at\":");
+        kl_jw_time(w, k->last_used_at);
+    }
+    if (k->expires_at != 0) {
+        kl_jw_lit(w, ",\"expires_at\":");
+        kl_jw_time(w, k->expires_at);
+    }
+    kl_jw_lit(w, kl_key_usable(k, now) ? ",\"is_active\":true,\"status\":\""
+                                       : ",\"is_active\":false,\"status\":\"");
+    kl_jw_lit(w, kl_key_status_name(kl_key_status_at(k, now)));
+    kl_jw_raw(w, "\"", 1);
+    const kl_key_revocation *r = kl_key_revocation_of(k);
+    if (r != NULL) {
+        kl_jw_lit(w, ",\"revoked_at\":");
+        kl_jw_time(w, r->at);
+        kl_jw_lit(w, ",\"revoked_by\":");
+        jw_ref(w, &r->by);
+        if (r->comment != NULL) {
+            kl_jw_lit(w, ",\"revoked_comment\":");
+            kl_jw_str(w, r->comment);
+        }
+    }
+    kl_jw_lit(w, ",\"version\":");
+    kl_jw_uint(w, k->version);
+    if (secret != NULL) {
+        kl_jw_lit(w, ",\"key\":");
+        kl_jw_str(w, secret);
+    }
+    kl_jw_raw(w, "}", 1);
+}
+
 json_t *kl_render_limits(const kl_org *org)
 {
     json_t *lim = json_object();

@@ -731,6 +731,87 @@ static void test_many_keys_found(void **state)
     world_free(w);
 }
 
+static void usage(world *w, const kl_id *key, int64_t last_used);
+
+/* A key written as text is byte for byte jansson's dump of kl_render_key
+ * (with `key` last): both answer the same routes. */
+static void text_matches_tree(const kl_key *k, int64_t now, const char *secret)
+{
+    json_t *o = kl_render_key(k, now);
+    if (secret != NULL)
+        json_object_set_new(o, "key", json_string(secret));
+    char *want = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    size_t max = kl_render_key_max(k, secret);
+    char *buf = malloc(max);
+    kl_jw w = {buf, buf + max, false};
+    kl_render_key_text(&w, k, now, secret);
+    assert_false(w.full);
+    assert_int_equal((size_t)(w.p - buf), strlen(want));
+    assert_memory_equal(buf, want, strlen(want));
+    /* One byte short of the answer: full, nothing written past the end. */
+    kl_jw shortw = {buf, buf + strlen(want) - 1, false};
+    kl_render_key_text(&shortw, k, now, secret);
+    assert_true(shortw.full);
+    free(buf);
+    free(want);
+}
+
+static void test_key_as_text(void **state)
+{
+    (void)state;
+    world *w = world_new();
+    org_created(w, "o");
+    kl_id uid = user_invited(w, "owner@x.io", KL_ROLE_OWNER);
+    kl_id sid = sa_created(w, "ci", KL_ROLE_MEMBER);
+    w->actor = (kl_actor){KL_PRINCIPAL_USER, uid, new_id(w)};
+
+    /* Every text with every kind of character jansson escapes. */
+    kl_event ev = key_event(w, KL_PRINCIPAL_SA, &sid);
+    ev.has |= KL_F_DESCRIPTION | KL_F_RATE_LIMIT | KL_F_EXPIRES;
+    ev.name = S("quote \" back \\ slash / tab \t nl \n cr \r bs \b ff \f");
+    ev.description = S("ctl \x01\x1f del \x7f utf-8 \xc3\xa9\xe2\x82\xac");
+    ev.access = KL_ACCESS_FLOWS;
+    ev.flows[0] = S("orders.read");
+    ev.flows[1] = S("a\"b");
+    ev.nflows = 2;
+    ev.rl_minute = 0;
+    ev.rl_day = 4000000000u;
+    ev.expires_at = w->ts + 1000;
+    apply_ok(w, &ev);
+    kl_key *k = kl_proj_key(w->p, &ev.id);
+    text_matches_tree(k, w->ts, NULL);
+    text_matches_tree(k, w->ts, "kl_live_secret\"x");
+    text_matches_tree(k, w->ts + 5000, NULL);          /* expired */
+    usage(w, &k->id, w->ts);
+    text_matches_tree(k, w->ts, NULL);                 /* last_used_at */
+
+    /* A user's key, no limits, no flows; revoked with and without a comment,
+     * by the system. */
+    kl_id uk = key_created(w, KL_PRINCIPAL_USER, &uid);
+    k = kl_proj_key(w->p, &uk);
+    text_matches_tree(k, w->ts, "kl_live_x");
+    ev = id_event(w, KL_EV_KEY_UPDATED, &uk);
+    ev.has |= KL_F_RATE_LIMIT | KL_F_ACCESS;
+    ev.access = KL_ACCESS_FLOWS;
+    ev.nflows = 0;
+    ev.rl_minute = 7;
+    ev.rl_day = 0;
+    apply_ok(w, &ev);
+    text_matches_tree(k, w->ts, NULL);                 /* flows: [] */
+    ev = id_event(w, KL_EV_KEY_REVOKED, &uk);
+    ev.has |= KL_F_COMMENT;
+    ev.comment = S("leaked \"here\"\n");
+    apply_ok(w, &ev);
+    text_matches_tree(k, w->ts, NULL);
+    kl_id uk2 = key_created(w, KL_PRINCIPAL_USER, &uid);
+    w->actor = (kl_actor){KL_PRINCIPAL_SYSTEM, {{0}}, {{0}}};
+    ev = id_event(w, KL_EV_KEY_REVOKED, &uk2);
+    apply_ok(w, &ev);
+    text_matches_tree(kl_proj_key(w->p, &uk2), w->ts, NULL);
+    world_free(w);
+}
+
 static void test_role_follows_owner(void **state)
 {
     (void)state;
@@ -1604,6 +1685,7 @@ int main(void)
         cmocka_unit_test(test_status_at),
         cmocka_unit_test(test_shared_flow_lists),
         cmocka_unit_test(test_many_keys_found),
+        cmocka_unit_test(test_key_as_text),
         cmocka_unit_test(test_role_follows_owner),
         cmocka_unit_test(test_owner_enabled),
         cmocka_unit_test(test_misfits_leave_state_unchanged),
