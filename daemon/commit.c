@@ -7,7 +7,8 @@
  *     ▼            ▼
  *   decide ──► pending ──► (no job running) frame all pending into one
  *                          batch ──► pool thread: write + fsync ──► loop:
- *                          decode each record, apply, render, answer
+ *                          decode each record, apply, send the next
+ *                          batch, then render and answer
  *
  * Only one job (write or sync) runs at a time; everything decided while it
  * runs waits in `pending` and goes out in the next batch, so N concurrent
@@ -287,6 +288,7 @@ static int apply_batch(kl_daemon *d, const kl_buf *batch)
 }
 
 static void start_job(kl_commit *cm, job_kind job);
+static void seal(kl_commit *cm);
 
 static void retry_deferred(kl_commit *cm)
 {
@@ -352,27 +354,32 @@ static void on_work_done(uv_work_t *w, int status)
                 cm->err.msg);
     }
 
+    /* The batch is applied, the commands it unblocks are decided, and the
+     * next batch goes to the disk before the answers to this one are
+     * written: the disk works while the loop answers. */
+    queue done = {NULL, NULL};
     if (cm->job == JOB_WRITE) {
         if (rc == KL_OK && apply_batch(d, &cm->batch) != 0)
             rc = KL_EIO;
-        const char *why = rc == KL_ENOSPC
-                              ? "the log cannot be written: the disk is full"
-                              : cm->unavailable != NULL
-                                    ? cm->unavailable
-                                    : "the log cannot be written";
-        kl_cmd *c;
-        while ((c = q_pop(&cm->inflight)) != NULL) {
-            if (rc == KL_OK) {
-                if (c->render != NULL)
-                    c->render(d, c);
-            } else {
-                answer_unavailable(d, c, why);
-            }
-            kl_cmd_free(c);
-        }
+        done = cm->inflight;
+        cm->inflight = (queue){NULL, NULL};
         cm->batch.len = 0;
     }
     retry_deferred(cm);
+    seal(cm);
+    const char *why = rc == KL_ENOSPC ? "the log cannot be written: the disk is full"
+                      : cm->unavailable != NULL ? cm->unavailable
+                                                : "the log cannot be written";
+    kl_cmd *c;
+    while ((c = q_pop(&done)) != NULL) {
+        if (rc == KL_OK) {
+            if (c->render != NULL)
+                c->render(d, c);
+        } else {
+            answer_unavailable(d, c, why);
+        }
+        kl_cmd_free(c);
+    }
     kick(cm);
     maybe_drained(cm);
 }
@@ -392,14 +399,18 @@ static void start_job(kl_commit *cm, job_kind job)
     }
 }
 
-/* Frame everything pending into one batch and write it. Called from the
- * check phase, after the loop has read every socket that was ready, so a
- * batch holds all the writes that arrived meanwhile (Redis does the same in
- * beforeSleep). */
+/* Frame everything pending into one batch and write it. Called when a job
+ * ends (what waited for it goes at once) and from the check phase, after
+ * the loop has read every socket that was ready, so a batch holds all the
+ * writes that arrived meanwhile (Redis does the same in beforeSleep). */
 static void on_seal(uv_check_t *h)
 {
-    kl_commit *cm = h->data;
     uv_check_stop(h);
+    seal(h->data);
+}
+
+static void seal(kl_commit *cm)
+{
     if (cm->busy || cm->pending.head == NULL)
         return;
     kl_daemon *d = cm->d;
