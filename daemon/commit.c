@@ -2,25 +2,32 @@
  * The command service: from a decided command to a durable, applied event
  * and an answer, with group commit.
  *
- *   submit ──► deferred (an entity it locks has an event not yet durable)
+ *   submit ──► deferred (an entity it locks has an event not yet applied)
  *     │            │ when that event is applied
  *     ▼            ▼
- *   decide ──► pending ──► (no job running) frame all pending into one
- *                          batch ──► pool thread: write + fsync ──► loop:
- *                          decode each record, apply, send the next
- *                          batch, then render and answer
+ *   decide ──► unapplied ──► writer thread: frame every command queued
+ *                            since its last batch into one batch, write,
+ *                            fsync ──► loop: decode each record, apply,
+ *                            render, answer
  *
- * Only one job (write or sync) runs at a time; everything decided while it
- * runs waits in `pending` and goes out in the next batch, so N concurrent
- * writers share one fsync. Events are applied from the very bytes written,
+ * The writer thread takes the next batch the moment it is done with one:
+ * everything decided while a batch was on the disk goes out together in
+ * the next, so N concurrent writers share one fsync, and the disk never
+ * waits for the loop. The loop applies events from the very bytes written,
  * through the same decoder as startup replay, and only once durable: no
  * reader sees a write before it is safe.
  *
+ * Framing (seqs, the hash chain) and writing are the writer's alone; the
+ * loop owns the state, the queues' order and the answers. They share the
+ * `unapplied` queue (the loop appends and pops, under `mu`; the writer
+ * reads the commands from `unframed` to the tail it saw under `mu`) and
+ * the list of finished batches, handed to the loop by `done_async`.
+ *
  * Locks are ids (key, user, org, ...) a command will change. Deciding a
- * command against a state that lacks another command's pending event on the
- * same entity could produce events that do not fit (revoking a key twice):
- * such a command waits in `deferred`, in arrival order, until that event is
- * applied.
+ * command against a state that lacks another command's unapplied event on
+ * the same entity could produce events that do not fit (revoking a key
+ * twice): such a command waits in `deferred`, in arrival order, until that
+ * event is applied.
  */
 #include "daemon.h"
 
@@ -31,32 +38,42 @@
 
 enum { SYNC_INTERVAL_MS = 10 };
 
-typedef enum { JOB_WRITE, JOB_SYNC } job_kind;
-
 typedef struct queue {
     kl_cmd *head, *tail;
 } queue;
 
+/* One batch the writer finished: what the loop needs to apply and answer. */
+typedef struct batch {
+    struct batch *next;
+    uint32_t ncmds;             /* the first ncmds commands of `unapplied` */
+    uint32_t nrecords;
+    kl_buf records;             /* framed, as written */
+    int rc;
+    bool synced;                /* it ended with an fsync ... */
+    uint64_t sync_ns;           /* ... of this long (with the write) */
+    kl_err err;
+} batch;
+
 struct kl_commit {
     kl_daemon *d;
-    uv_work_t work;
-    bool busy;                  /* a job runs on the pool */
-    job_kind job;
-    queue deferred, pending, inflight;
-    kl_buf batch;               /* framed records of the inflight batch */
-    kl_log_mark mark;           /* the head before the batch */
-    int result;
-    bool synced;                /* the job ended with an fsync */
-    uint64_t sync_ns;           /* how long that fsync took (measured on the
-                                   pool, counted on the loop) */
-    uint32_t nrecords;          /* records in the inflight batch */
-    kl_err err;
-    bool dirty;                 /* written but not fsynced (batch/off) */
-    uint64_t last_sync_ns;
-    uv_timer_t sync_timer;
-    uv_check_t seal;            /* frames pending commands after I/O polling */
+    /* The loop's. */
+    queue deferred;
+    uv_check_t wake;            /* wakes the writer after I/O polling */
+    uv_async_t done_async;
     void (*drain_cb)(kl_daemon *d);
     const char *unavailable;    /* why writes fail now, or NULL */
+    /* Shared, under mu (the loop alone changes unapplied's links). */
+    uv_mutex_t mu;
+    uv_cond_t cv;
+    queue unapplied;
+    kl_cmd *unframed;           /* the first command no batch holds yet */
+    batch *done_head, *done_tail;
+    bool stop;                  /* drain: sync if needed and exit when idle */
+    /* The writer's. */
+    uv_thread_t thread;
+    bool running;
+    bool dirty;                 /* written but not fsynced (batch/off) */
+    uint64_t last_sync_ns;
 };
 
 /* ---- queues ----------------------------------------------------------- */
@@ -190,7 +207,14 @@ static void answer_unavailable(kl_daemon *d, kl_cmd *c, const char *why)
         c->failed(d, c);
 }
 
-static void kick(kl_commit *cm);
+static void on_wake(uv_check_t *h)
+{
+    kl_commit *cm = h->data;
+    uv_check_stop(h);
+    uv_mutex_lock(&cm->mu);
+    uv_cond_signal(&cm->cv);
+    uv_mutex_unlock(&cm->mu);
+}
 
 /* Decide a command whose locks are free. */
 static void run(kl_commit *cm, kl_cmd *c)
@@ -208,8 +232,14 @@ static void run(kl_commit *cm, kl_cmd *c)
         kl_cmd_free(c);
         return;
     }
-    q_push(&cm->pending, c);
-    kick(cm);
+    uv_mutex_lock(&cm->mu);
+    q_push(&cm->unapplied, c);
+    if (cm->unframed == NULL)
+        cm->unframed = c;
+    uv_mutex_unlock(&cm->mu);
+    /* The writer, if idle, is woken once the loop has read every socket
+     * that was ready: one batch for all of them (Redis's beforeSleep). */
+    uv_check_start(&cm->wake, on_wake);
 }
 
 void kl_cmd_submit(kl_daemon *d, kl_cmd *c)
@@ -221,42 +251,132 @@ void kl_cmd_submit(kl_daemon *d, kl_cmd *c)
         kl_cmd_free(c);
         return;
     }
-    if (q_conflicts(&cm->inflight, c, NULL) || q_conflicts(&cm->pending, c, NULL) ||
-        q_conflicts(&cm->deferred, c, NULL)) {
+    if (q_conflicts(&cm->unapplied, c, NULL) || q_conflicts(&cm->deferred, c, NULL)) {
         q_push(&cm->deferred, c);
         return;
     }
     run(cm, c);
 }
 
-/* ---- jobs ------------------------------------------------------------- */
+/* ---- the writer thread ------------------------------------------------ */
 
-static void on_work(uv_work_t *w)
+/* Frames the commands from first to last (the writer owns them until the
+ * batch is posted) and writes them: fsync per --fsync. */
+static void write_batch(kl_commit *cm, batch *b, kl_cmd *first, kl_cmd *last)
 {
-    kl_commit *cm = w->data;
     kl_daemon *d = cm->d;
-    uint64_t t0 = uv_hrtime();
-    cm->synced = false;
-    if (cm->job == JOB_SYNC) {
-        cm->result = kl_log_sync(d->log, &cm->err);
-        cm->synced = true;
-        cm->sync_ns = uv_hrtime() - t0;
+    kl_log_mark mark;
+    kl_log_mark_get(d->log, &mark);
+    int rc = KL_OK;
+    for (kl_cmd *c = first;; c = c->next) {
+        uint32_t start = 0;
+        for (uint32_t i = 0; i < c->nevents && rc == KL_OK; i++) {
+            uint64_t seq;
+            rc = kl_log_frame(d->log, (const uint8_t *)c->events.data + start,
+                              c->event_ends[i] - start, i + 1 < c->nevents,
+                              &b->records, &seq);
+            start = c->event_ends[i];
+        }
+        b->ncmds++;
+        b->nrecords += c->nevents;
+        if (c == last)
+            break;
+    }
+    if (rc != KL_OK) {
+        kl_log_rewind(d->log, &mark);
+        kl_err_set(&b->err, "framing a batch failed (%d)", rc);
+        b->rc = rc;
         return;
     }
+    uint64_t t0 = uv_hrtime();
     /* --fsync always: kl_log_write syncs (so its time is the write's and
-     * the fsync's together). batch: at most every 10 ms, here or on the
-     * timer. off: never. */
-    cm->result = kl_log_write(d->log, &cm->batch, &cm->mark, &cm->err);
-    cm->synced = d->cfg.fsync == KL_FSYNC_ALWAYS;
-    cm->sync_ns = uv_hrtime() - t0;
-    if (cm->result == KL_OK && d->cfg.fsync == KL_FSYNC_BATCH &&
+     * the fsync's together). batch: at most every 10 ms, here or when
+     * idle. off: never. */
+    b->rc = kl_log_write(d->log, &b->records, &mark, &b->err);
+    b->synced = b->rc == KL_OK && d->cfg.fsync == KL_FSYNC_ALWAYS;
+    b->sync_ns = uv_hrtime() - t0;
+    if (b->rc == KL_OK && d->cfg.fsync == KL_FSYNC_BATCH &&
         uv_hrtime() - cm->last_sync_ns >= SYNC_INTERVAL_MS * 1000000ull) {
         t0 = uv_hrtime();
-        cm->result = kl_log_sync(d->log, &cm->err);
-        cm->synced = true;
-        cm->sync_ns = uv_hrtime() - t0;
+        b->rc = kl_log_sync(d->log, &b->err);
+        b->synced = b->rc == KL_OK;
+        b->sync_ns = uv_hrtime() - t0;
+    }
+    if (b->rc == KL_OK) {
+        cm->dirty = !b->synced;
+        if (b->synced)
+            cm->last_sync_ns = uv_hrtime();
     }
 }
+
+/* An fsync of what was written without one (--fsync batch when idle, and
+ * at the end). */
+static void sync_batch(kl_commit *cm, batch *b)
+{
+    uint64_t t0 = uv_hrtime();
+    b->rc = kl_log_sync(cm->d->log, &b->err);
+    b->synced = b->rc == KL_OK;
+    b->sync_ns = uv_hrtime() - t0;
+    cm->dirty = false;
+    cm->last_sync_ns = uv_hrtime();
+}
+
+static void writer_main(void *arg)
+{
+    kl_commit *cm = arg;
+    bool may_sync = cm->d->cfg.fsync != KL_FSYNC_OFF;
+    uv_mutex_lock(&cm->mu);
+    for (;;) {
+        kl_cmd *first = cm->unframed, *last = cm->unapplied.tail;
+        bool idle_sync = false;
+        if (first == NULL) {
+            if (cm->dirty && may_sync && cm->stop) {
+                idle_sync = true;
+            } else if (cm->stop) {
+                break;
+            } else if (cm->dirty && may_sync) {
+                /* --fsync batch: sync what waits once it is 10 ms old. */
+                uint64_t age = uv_hrtime() - cm->last_sync_ns;
+                uint64_t wait = SYNC_INTERVAL_MS * 1000000ull;
+                if (age < wait && uv_cond_timedwait(&cm->cv, &cm->mu, wait - age) == 0)
+                    continue;   /* woken: look again */
+                idle_sync = cm->unframed == NULL;
+                if (!idle_sync)
+                    continue;
+            } else {
+                uv_cond_wait(&cm->cv, &cm->mu);
+                continue;
+            }
+        }
+        cm->unframed = NULL;    /* the loop's next command starts a batch */
+        uv_mutex_unlock(&cm->mu);
+
+        batch *b = calloc(1, sizeof *b);
+        if (b == NULL) {
+            /* Nothing to post the failure with: wait for memory. */
+            uv_sleep(1);
+            uv_mutex_lock(&cm->mu);
+            if (!idle_sync)
+                cm->unframed = first;
+            continue;
+        }
+        if (idle_sync)
+            sync_batch(cm, b);
+        else
+            write_batch(cm, b, first, last);
+
+        uv_mutex_lock(&cm->mu);
+        if (cm->done_tail != NULL)
+            cm->done_tail->next = b;
+        else
+            cm->done_head = b;
+        cm->done_tail = b;
+        uv_async_send(&cm->done_async);
+    }
+    uv_mutex_unlock(&cm->mu);
+}
+
+/* ---- back on the loop -------------------------------------------------- */
 
 static void fatal_apply(kl_daemon *d, const kl_err *err)
 {
@@ -270,11 +390,11 @@ static void fatal_apply(kl_daemon *d, const kl_err *err)
 }
 
 /* Apply the records of the written batch, in order, to the projection. */
-static int apply_batch(kl_daemon *d, const kl_buf *batch)
+static int apply_batch(kl_daemon *d, const kl_buf *records)
 {
     size_t off = 0;
-    while (off < batch->len) {
-        const uint8_t *r = (const uint8_t *)batch->data + off;
+    while (off < records->len) {
+        const uint8_t *r = (const uint8_t *)records->data + off;
         uint32_t len = (uint32_t)r[0] | (uint32_t)r[1] << 8 |
                        (uint32_t)r[2] << 16 | (uint32_t)r[3] << 24;
         kl_err err;
@@ -287,174 +407,122 @@ static int apply_batch(kl_daemon *d, const kl_buf *batch)
     return 0;
 }
 
-static void start_job(kl_commit *cm, job_kind job);
-static void seal(kl_commit *cm);
-
 static void retry_deferred(kl_commit *cm)
 {
     queue waiting = cm->deferred;
     cm->deferred = (queue){NULL, NULL};
     kl_cmd *c;
     while ((c = q_pop(&waiting)) != NULL) {
-        /* Still blocked by something pending, or by an earlier deferred
+        /* Still blocked by something unapplied, or by an earlier deferred
          * command with a shared lock (keeps arrival order). */
-        if (q_conflicts(&cm->inflight, c, NULL) ||
-            q_conflicts(&cm->pending, c, NULL) ||
-            q_conflicts(&cm->deferred, c, NULL))
+        if (q_conflicts(&cm->unapplied, c, NULL) || q_conflicts(&cm->deferred, c, NULL))
             q_push(&cm->deferred, c);
         else
             run(cm, c);
     }
 }
 
-static void maybe_drained(kl_commit *cm)
+/* A finished batch: metrics, the log's health, and its commands, applied
+ * and moved to `answer`. */
+static void batch_done(kl_commit *cm, batch *b, queue *answer)
 {
-    if (cm->drain_cb == NULL || cm->busy || cm->pending.head != NULL ||
-        cm->deferred.head != NULL)
-        return;
-    if (cm->dirty && cm->d->cfg.fsync != KL_FSYNC_OFF &&
-        kl_commit_unavailable(cm) == NULL) {
-        start_job(cm, JOB_SYNC);
-        return;
-    }
-    void (*cb)(kl_daemon *) = cm->drain_cb;
-    cm->drain_cb = NULL;
-    cb(cm->d);
-}
-
-static void on_work_done(uv_work_t *w, int status)
-{
-    kl_commit *cm = w->data;
     kl_daemon *d = cm->d;
-    cm->busy = false;
-    int rc = status == 0 ? cm->result : KL_EIO;
-
+    int rc = b->rc;
     if (rc != KL_OK) {
         kl_metrics_log_error(d->metrics);
     } else {
-        if (cm->job == JOB_WRITE)
-            kl_metrics_log_batch(d->metrics, cm->nrecords, cm->batch.len);
-        if (cm->synced)
-            kl_metrics_log_fsync(d->metrics, cm->sync_ns);
-    }
-
-    if (rc == KL_OK && cm->synced) {
-        cm->dirty = false;
-        cm->last_sync_ns = uv_hrtime();
-    } else if (rc == KL_OK) {
-        cm->dirty = true;
+        if (b->ncmds > 0)
+            kl_metrics_log_batch(d->metrics, b->nrecords, b->records.len);
+        if (b->synced)
+            kl_metrics_log_fsync(d->metrics, b->sync_ns);
     }
     if (rc == KL_EREADONLY) {
+        if (cm->unavailable == NULL)
+            KL_LOGF(&d->logger, KL_ERROR, "%s; writes refused until restart",
+                    b->err.msg);
         cm->unavailable = "the log is read-only after a failed fsync; "
                           "restart keyledgerd";
-        KL_LOGF(&d->logger, KL_ERROR, "%s; writes refused until restart",
-                cm->err.msg);
     } else if (rc != KL_OK) {
         KL_LOGF(&d->logger, KL_ERROR, "log write failed: %s; answering 503",
-                cm->err.msg);
+                b->err.msg);
     }
-
-    /* The batch is applied, the commands it unblocks are decided, and the
-     * next batch goes to the disk before the answers to this one are
-     * written: the disk works while the loop answers. */
-    queue done = {NULL, NULL};
-    if (cm->job == JOB_WRITE) {
-        if (rc == KL_OK && apply_batch(d, &cm->batch) != 0)
-            rc = KL_EIO;
-        done = cm->inflight;
-        cm->inflight = (queue){NULL, NULL};
-        cm->batch.len = 0;
-    }
-    retry_deferred(cm);
-    seal(cm);
+    if (rc == KL_OK && b->ncmds > 0 && apply_batch(d, &b->records) != 0)
+        rc = KL_EIO;
     const char *why = rc == KL_ENOSPC ? "the log cannot be written: the disk is full"
                       : cm->unavailable != NULL ? cm->unavailable
                                                 : "the log cannot be written";
+    uv_mutex_lock(&cm->mu);
+    for (uint32_t i = 0; i < b->ncmds; i++) {
+        kl_cmd *c = q_pop(&cm->unapplied);
+        c->result = rc;
+        c->why = why;
+        q_push(answer, c);
+    }
+    uv_mutex_unlock(&cm->mu);
+}
+
+static void maybe_drained(kl_commit *cm);
+
+static void take_done(kl_commit *cm, queue *answer)
+{
+    uv_mutex_lock(&cm->mu);
+    batch *b = cm->done_head;
+    cm->done_head = cm->done_tail = NULL;
+    uv_mutex_unlock(&cm->mu);
+    while (b != NULL) {
+        batch *next = b->next;
+        batch_done(cm, b, answer);
+        kl_buf_free(&b->records);
+        free(b);
+        b = next;
+    }
+}
+
+/* The writer finished batches: apply them, decide what they unblocked
+ * (the writer takes it on its next batch), then answer. */
+static void on_done(uv_async_t *h)
+{
+    kl_commit *cm = h->data;
+    queue answer = {NULL, NULL};
+    take_done(cm, &answer);
+    retry_deferred(cm);
     kl_cmd *c;
-    while ((c = q_pop(&done)) != NULL) {
-        if (rc == KL_OK) {
+    while ((c = q_pop(&answer)) != NULL) {
+        if (c->result == KL_OK) {
             if (c->render != NULL)
-                c->render(d, c);
+                c->render(cm->d, c);
         } else {
-            answer_unavailable(d, c, why);
+            answer_unavailable(cm->d, c, c->why);
         }
         kl_cmd_free(c);
     }
-    kick(cm);
     maybe_drained(cm);
 }
 
-static void start_job(kl_commit *cm, job_kind job)
+static void stop_writer(kl_commit *cm)
 {
-    cm->job = job;
-    cm->busy = true;
-    cm->work.data = cm;
-    int rc = uv_queue_work(cm->d->loop, &cm->work, on_work, on_work_done);
-    if (rc != 0) {
-        /* Cannot happen with a valid loop; answer rather than hang. */
-        cm->busy = false;
-        cm->result = KL_EIO;
-        kl_err_set(&cm->err, "uv_queue_work: %s", uv_strerror(rc));
-        on_work_done(&cm->work, 0);
-    }
-}
-
-/* Frame everything pending into one batch and write it. Called when a job
- * ends (what waited for it goes at once) and from the check phase, after
- * the loop has read every socket that was ready, so a batch holds all the
- * writes that arrived meanwhile (Redis does the same in beforeSleep). */
-static void on_seal(uv_check_t *h)
-{
-    uv_check_stop(h);
-    seal(h->data);
-}
-
-static void seal(kl_commit *cm)
-{
-    if (cm->busy || cm->pending.head == NULL)
+    if (!cm->running)
         return;
-    kl_daemon *d = cm->d;
-    kl_log_mark_get(d->log, &cm->mark);
-    cm->batch.len = 0;
-    cm->nrecords = 0;
-    int rc = KL_OK;
-    for (kl_cmd *c = cm->pending.head; c != NULL && rc == KL_OK; c = c->next) {
-        uint32_t start = 0;
-        for (uint32_t i = 0; i < c->nevents && rc == KL_OK; i++) {
-            uint64_t seq;
-            rc = kl_log_frame(d->log, (const uint8_t *)c->events.data + start,
-                              c->event_ends[i] - start, i + 1 < c->nevents,
-                              &cm->batch, &seq);
-            if (i == 0)
-                c->first_seq = seq;
-            start = c->event_ends[i];
-        }
-        cm->nrecords += c->nevents;
-    }
-    cm->inflight = cm->pending;
-    cm->pending = (queue){NULL, NULL};
-    if (rc != KL_OK) {
-        kl_log_rewind(d->log, &cm->mark);
-        cm->result = rc;
-        kl_err_set(&cm->err, "framing a batch failed (%d)", rc);
-        cm->job = JOB_WRITE;
-        on_work_done(&cm->work, 0);
+    uv_mutex_lock(&cm->mu);
+    cm->stop = true;
+    uv_cond_signal(&cm->cv);
+    uv_mutex_unlock(&cm->mu);
+    uv_thread_join(&cm->thread);
+    cm->running = false;
+}
+
+static void maybe_drained(kl_commit *cm)
+{
+    if (cm->drain_cb == NULL || cm->unapplied.head != NULL || cm->deferred.head != NULL)
         return;
-    }
-    start_job(cm, JOB_WRITE);
-}
-
-static void kick(kl_commit *cm)
-{
-    if (!cm->busy && cm->pending.head != NULL)
-        uv_check_start(&cm->seal, on_seal);
-}
-
-static void on_sync_timer(uv_timer_t *t)
-{
-    kl_commit *cm = t->data;
-    if (cm->dirty && !cm->busy && cm->unavailable == NULL)
-        start_job(cm, JOB_SYNC);
+    /* Nothing left to write: the writer syncs what is not yet synced and
+     * ends; its last result is only its fsync. */
+    stop_writer(cm);
+    queue none = {NULL, NULL};
+    take_done(cm, &none);
+    void (*cb)(kl_daemon *) = cm->drain_cb;
+    cm->drain_cb = NULL;
+    cb(cm->d);
 }
 
 /* ---- lifecycle -------------------------------------------------------- */
@@ -466,58 +534,66 @@ int kl_commit_new(kl_daemon *d, kl_commit **out)
         return KL_ENOMEM;
     cm->d = d;
     cm->last_sync_ns = uv_hrtime();
-    int rc = uv_timer_init(d->loop, &cm->sync_timer);
+    int rc = uv_mutex_init(&cm->mu);
     if (rc != 0) {
         free(cm);
         return rc;
     }
-    cm->sync_timer.data = cm;
-    uv_check_init(d->loop, &cm->seal);
-    cm->seal.data = cm;
-    if (d->cfg.fsync == KL_FSYNC_BATCH)
-        uv_timer_start(&cm->sync_timer, on_sync_timer, SYNC_INTERVAL_MS,
-                       SYNC_INTERVAL_MS);
-    *out = cm;
+    if ((rc = uv_cond_init(&cm->cv)) != 0) {
+        uv_mutex_destroy(&cm->mu);
+        free(cm);
+        return rc;
+    }
+    uv_check_init(d->loop, &cm->wake);
+    cm->wake.data = cm;
+    uv_async_init(d->loop, &cm->done_async, on_done);
+    cm->done_async.data = cm;
+    *out = cm;      /* kl_commit_free from here on */
+    if ((rc = uv_thread_create(&cm->thread, writer_main, cm)) != 0)
+        return rc;
+    cm->running = true;
     return KL_OK;
 }
 
-void kl_commit_drain(kl_commit *cm, void (*on_done)(kl_daemon *d))
+void kl_commit_drain(kl_commit *cm, void (*cb)(kl_daemon *d))
 {
-    cm->drain_cb = on_done;
-    uv_timer_stop(&cm->sync_timer);
+    cm->drain_cb = cb;
     maybe_drained(cm);
 }
 
-static void on_seal_closed(uv_handle_t *h)
+static void on_async_closed(uv_handle_t *h)
 {
     kl_commit *cm = h->data;
-    kl_buf_free(&cm->batch);
+    uv_cond_destroy(&cm->cv);
+    uv_mutex_destroy(&cm->mu);
     free(cm);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_wake_closed(uv_handle_t *h)
 {
     kl_commit *cm = h->data;
-    uv_close((uv_handle_t *)&cm->seal, on_seal_closed);
+    uv_close((uv_handle_t *)&cm->done_async, on_async_closed);
 }
 
 void kl_commit_free(kl_commit *cm)
 {
     if (cm == NULL)
         return;
+    stop_writer(cm);
+    for (batch *b = cm->done_head, *next; b != NULL; b = next) {
+        next = b->next;
+        kl_buf_free(&b->records);
+        free(b);
+    }
     kl_cmd *c;
     while ((c = q_pop(&cm->deferred)) != NULL)
         kl_cmd_free(c);
-    while ((c = q_pop(&cm->pending)) != NULL)
+    while ((c = q_pop(&cm->unapplied)) != NULL)
         kl_cmd_free(c);
-    uv_close((uv_handle_t *)&cm->sync_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&cm->wake, on_wake_closed);
 }
 
 const char *kl_commit_unavailable(const kl_commit *cm)
 {
-    if (cm->unavailable != NULL)
-        return cm->unavailable;
-    return kl_log_is_read_only(cm->d->log)
-               ? "the log is read-only after a failed write; restart keyledgerd"
-               : NULL;
+    return cm->unavailable;
 }

@@ -123,7 +123,8 @@ struct kl_cmd {
     kl_buf events;              /* encoded event bodies, back to back */
     uint32_t *event_ends;       /* where each body ends in events */
     uint32_t nevents, cap_events;
-    uint64_t first_seq;         /* set once framed */
+    int result;                 /* of its write, once written */
+    const char *why;            /* when that failed: the 503's message */
     /* Idempotency-Key, when the request had one. */
     bool has_idem;
     char idem_key[256];
