@@ -182,6 +182,8 @@ static int open_log(kl_daemon *d)
     lc.dir = d->cfg.data_dir;
     lc.segment_bytes = d->cfg.segment_bytes;
     lc.fsync = d->cfg.fsync;
+    /* Zeros ahead of the records: an fsync then writes the batch alone. */
+    lc.room_bytes = d->cfg.fsync != KL_FSYNC_OFF ? 4u << 20 : 0;
     lc.logger = &d->logger;
     kl_log_recovery rec;
     kl_err err;

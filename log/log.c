@@ -45,8 +45,16 @@
  * wholly inside the file, its CRC matches, its payload starts with the fixed
  * prefix, and its seq is one more than the record before it.
  *
+ * Room: a writer with cfg.room_bytes writes zeros ahead of its records and
+ * then writes its records over them, so that the fdatasync after a batch
+ * writes the batch only, not also the file's new size (a second write to
+ * the disk on every sync). A zero length field, with nothing but zeros
+ * from there to the end of the file, is room: the records end there. The
+ * writer cuts the room when it rolls, closes or opens; a crash leaves it,
+ * and readers stop at it.
+ *
  * Recovery (kl_log_open): every segment but the last must be valid to its
- * end and end on a finished group. In the last, the first invalid record is
+ * end (or its room) and end on a finished group. In the last, the first invalid record is
  * a torn tail when no valid record starts anywhere after it: the file is cut
  * there (or where the unfinished group before it began) and fsynced, and
  * the cut is reported. If a valid record does follow, that is damage and the
@@ -102,6 +110,8 @@ struct kl_log {
     uint64_t head_seq;          /* last framed record */
     uint8_t head_hash[KL_HASH_LEN];
     uint8_t first_prev[KL_HASH_LEN];    /* the hash the log goes on from */
+    uint64_t room;              /* the last segment's file size: zeros from
+                                   its records' end to here */
     bool failed;                /* an fsync failed: read-only until reopened */
 };
 
@@ -363,6 +373,19 @@ static rec_status record_check(const mapped *m, size_t off, bool crc,
     return REC_OK;
 }
 
+/* Room (see the top): from `off` to the end of the file only zeros. */
+static bool is_room(const mapped *m, size_t off)
+{
+    static const uint8_t zeros[4096];
+    while (off < m->size) {
+        size_t n = m->size - off < sizeof zeros ? m->size - off : sizeof zeros;
+        if (memcmp(m->data + off, zeros, n) != 0)
+            return false;
+        off += n;
+    }
+    return true;
+}
+
 /* After an invalid record at `bad`: does a valid record start anywhere
  * later? Then the invalid one is damage, not a torn tail. */
 static bool valid_record_after(const mapped *m, size_t bad)
@@ -544,9 +567,15 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
     size_t off = HEADER_SIZE, done = HEADER_SIZE, last_off = 0;
     uint32_t last_len = 0;
     uint64_t done_seq = *expect_seq, done_records = rec->records;
-    while (off < m.size) {
+    size_t end = m.size;        /* where the records end: the file's end
+                                   or the start of its room */
+    while (off < end) {
         uint32_t len;
         uint64_t seq;
+        if (m.data[off] == 0 && is_room(&m, off)) {
+            end = off;
+            break;
+        }
         rec_status st = record_check(&m, off, true, &len, &seq);
         if (st == REC_OK && seq != *expect_seq) {
             err_where(err, name, off, "seq %" PRIu64 " where %"
@@ -588,8 +617,8 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
         rc = KL_ECORRUPT;
         goto cleanup;
     }
-    if (done != m.size) {       /* a torn record or an unfinished group */
-        rec->torn_bytes = m.size - done;
+    if (done != end) {          /* a torn record or an unfinished group */
+        rec->torn_bytes = end - done;
         rec->torn_offset = done;
         memcpy(rec->torn_segment, name, sizeof name);
         *expect_seq = done_seq;
@@ -694,12 +723,16 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
             rc = KL_EIO;
             goto cleanup;
         }
-        if (rec->torn_bytes != 0 &&
-            (ftruncate(log->fd, (off_t)tail->size) != 0 || fsync(log->fd) != 0)) {
-            kl_err_set(err, "cut torn tail of %s: %s", name, strerror(errno));
+        /* Cut a torn tail, and room a crash left (it is made again). */
+        struct stat st;
+        if (fstat(log->fd, &st) != 0 ||
+            ((uint64_t)st.st_size != tail->size &&
+             (ftruncate(log->fd, (off_t)tail->size) != 0 || fsync(log->fd) != 0))) {
+            kl_err_set(err, "cut the tail of %s: %s", name, strerror(errno));
             rc = KL_EIO;
             goto cleanup;
         }
+        log->room = tail->size;
         if (tail->first_seq != last &&
             (rc = write_manifest(log->dir, first, tail->first_seq, err)) != KL_OK)
             goto cleanup;
@@ -711,12 +744,23 @@ cleanup:
     return rc;
 }
 
+/* The room past the records of the last segment cut off (before a roll
+ * and at close), so that a stopped log holds records only. */
+static void cut_room(kl_log *log, const segment *tail)
+{
+    if (log->room > tail->size && ftruncate(log->fd, (off_t)tail->size) == 0 &&
+        fdatasync(log->fd) == 0)
+        log->room = tail->size;
+}
+
 void kl_log_close(kl_log *log)
 {
     if (log == NULL)
         return;
-    if (log->fd >= 0)
+    if (log->fd >= 0) {
+        cut_room(log, &log->segs[log->nsegs - 1]);
         close(log->fd);
+    }
     if (log->lock_fd >= 0)
         close(log->lock_fd);   /* releases the flock */
     free(log->segs);
@@ -898,6 +942,7 @@ int kl_log_frame_event(kl_log *log, const kl_event *ev, bool more, kl_buf *batch
 
 static int roll(kl_log *log, const kl_log_mark *start, kl_err *err)
 {
+    cut_room(log, &log->segs[log->nsegs - 1]);
     uint64_t first = start->seq + 1;
     int rc = segment_create(log->dir, first, start->hash, err);
     if (rc != KL_OK)
@@ -923,6 +968,7 @@ static int roll(kl_log *log, const kl_log_mark *start, kl_err *err)
     close(log->fd);
     log->fd = fd;
     log->segs[log->nsegs - 1].size = HEADER_SIZE;
+    log->room = HEADER_SIZE;
     return KL_OK;
 }
 
@@ -937,6 +983,27 @@ int kl_log_sync(kl_log *log, kl_err *err)
         return KL_EREADONLY;
     }
     return KL_OK;
+}
+
+/* Zeros ahead of the records (see Room at the top), cfg.room_bytes at a
+ * time, when the batch would not fit in what there is. Best effort: a full
+ * disk or any other failure leaves the file as it was and the batch to
+ * grow it as without room. */
+static void make_room(kl_log *log, const segment *tail, size_t need)
+{
+    static const char zeros[64 << 10];
+    if (log->cfg.room_bytes == 0 || log->room >= tail->size + need)
+        return;
+    uint64_t from = log->room, to = tail->size + need + log->cfg.room_bytes;
+    for (uint64_t off = from; off < to; off += sizeof zeros) {
+        size_t n = to - off < sizeof zeros ? (size_t)(to - off) : sizeof zeros;
+        if (kl_write_all(log->fd, zeros, n, (off_t)off) != KL_OK) {
+            if (ftruncate(log->fd, (off_t)from) != 0)
+                log->room = to;     /* zeros of unknown length: cut later */
+            return;
+        }
+    }
+    log->room = to;
 }
 
 int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
@@ -954,12 +1021,14 @@ int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
             goto rewind;
         tail = &log->segs[log->nsegs - 1];
     }
+    make_room(log, tail, batch->len);
     rc = kl_write_all(log->fd, batch->data, batch->len, (off_t)tail->size);
     if (rc != KL_OK) {
         int e = errno;
         /* Leave the file ending on a record boundary again. */
         if (ftruncate(log->fd, (off_t)tail->size) != 0)
             log->failed = true;
+        log->room = tail->size;
         kl_err_set(err, "append at offset %" PRIu64 ": %s", tail->size,
                    rc == KL_ENOSPC && e == 0 ? "short write" : strerror(e));
         goto rewind;
@@ -970,9 +1039,12 @@ int kl_log_write(kl_log *log, const kl_buf *batch, const kl_log_mark *start,
         if (ftruncate(log->fd, (off_t)tail->size) != 0)
             KL_LOGF(log->cfg.logger, KL_ERROR, "cut back after failed fsync: %s",
                     strerror(errno));
+        log->room = tail->size;
         goto rewind;
     }
     tail->size += batch->len;
+    if (log->room < tail->size)
+        log->room = tail->size;
     return KL_OK;
 rewind:
     kl_log_rewind(log, start);

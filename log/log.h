@@ -383,6 +383,10 @@ typedef struct kl_log_config {
     uint64_t segment_bytes;     /* roll after this many bytes (64 MiB) */
     kl_fsync fsync;
     bool read_only;             /* replay/verify/state: no lock, no writes */
+    uint64_t room_bytes;        /* zeros written ahead of the records this
+                                   many bytes at a time (log.c, "Room"):
+                                   a sync then does not change the file's
+                                   size. 0: none (the tools) */
     const kl_logger *logger;
 } kl_log_config;
 

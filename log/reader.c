@@ -25,6 +25,7 @@
  * Concurrency: the reader has its own read-only descriptors, never takes
  * the LOCK and only uses pread. The writer only appends, and cuts back only
  * records it never acknowledged (a failed write, a torn tail at startup).
+ * A zero length is the writer's room (log/log.c): the records end there.
  * Because the index never goes past the seq asked for, it covers only
  * acknowledged records as long as callers ask only for those (the daemon
  * asks for seqs it has applied); a seq past the written end is KL_ENOENT.
@@ -286,7 +287,9 @@ static int seg_walk(kl_log_reader *r, rseg *s, uint64_t want, kl_err *err)
         while (s->n <= want && pos + 8 <= (uint64_t)got) {
             uint64_t off = s->end + pos;
             uint32_t len = get_u32(r->chunk + pos);
-            if (len == 0 || len > MAX_RECORD) {
+            if (len == 0)
+                break;          /* the writer's room: nothing written yet */
+            if (len > MAX_RECORD) {
                 err_at(err, s, off, "record length %" PRIu32 " out of bounds", len);
                 return KL_ECORRUPT;
             }

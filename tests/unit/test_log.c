@@ -902,6 +902,91 @@ static void test_torn_only_record_of_last_segment(void **state)
     verify_ok(f, total);
 }
 
+/* A writer with room: zeros ahead of its records in the last segment only;
+ * every reader stops at them (no torn tail, no damage); a crash that
+ * leaves them is recovered without a report and the room cut; a clean
+ * close leaves records only. */
+static void test_room(void **state)
+{
+    fx *f = *state;
+    f->cfg.segment_bytes = 16384;
+    f->cfg.room_bytes = 8192;
+    kl_log_recovery rec;
+    kl_log *log = open_ok(f, &rec);
+    append_records(log, 200, 4);
+    uint64_t firsts[64];
+    size_t nseg = list_segments(f, firsts, 64);
+    assert_true(nseg >= 2);
+    char path[600], name[32];
+    for (size_t i = 0; i + 1 < nseg; i++) {
+        /* Rolled segments were cut to their records: the next one's header
+         * carries the hash of the last, so verify would catch any gap, and
+         * a rolled segment never ends in room. */
+        seg_name(firsts[i], name);
+        path_of(f, name, path);
+        int fd = open(path, O_RDONLY);
+        uint8_t tail[8];
+        assert_int_equal(pread(fd, tail, 8, (off_t)file_size(path) - 8), 8);
+        close(fd);
+        static const uint8_t zeros[8];
+        assert_memory_not_equal(tail, zeros, 8);
+    }
+    seg_name(firsts[nseg - 1], name);
+    path_of(f, name, path);
+    uint64_t with_room = file_size(path);
+
+    /* Read-only while the writer runs: all records, nothing torn. */
+    kl_log_config ro = f->cfg;
+    ro.read_only = true;
+    kl_log *rlog = NULL;
+    kl_err err = {0};
+    assert_int_equal(kl_log_open(&rlog, &ro, &rec, &err), KL_OK);
+    assert_int_equal(rec.records, 200);
+    assert_int_equal(rec.torn_bytes, 0);
+    replay_all(rlog, 1, true, 200);
+    kl_log_close(rlog);
+    verify_ok(f, 200);
+    kl_log_reader *r = NULL;
+    assert_int_equal(kl_log_reader_open(f->dir, &r, &err), KL_OK);
+    kl_buf b = {0};
+    assert_int_equal(kl_log_reader_get(r, 200, &b, NULL, &err), KL_OK);
+    assert_int_equal(kl_log_reader_get(r, 201, &b, NULL, &err), KL_ENOENT);
+    kl_log_reader_close(r);
+    kl_buf_free(&b);
+
+    /* The file as a crash would leave it, room and all. */
+    uint8_t *crashed = malloc(with_room);
+    assert_non_null(crashed);
+    int fd = open(path, O_RDONLY);
+    assert_int_equal(pread(fd, crashed, with_room, 0), (ssize_t)with_room);
+    close(fd);
+    kl_log_close(log);
+    uint64_t records_only = file_size(path);
+    assert_true(records_only < with_room);
+    /* The close cut zeros only: the records are the crashed file's. */
+    uint8_t *cut = malloc(records_only);
+    assert_non_null(cut);
+    fd = open(path, O_RDONLY);
+    assert_int_equal(pread(fd, cut, records_only, 0), (ssize_t)records_only);
+    close(fd);
+    assert_memory_equal(cut, crashed, records_only);
+    free(cut);
+    for (uint64_t i = records_only; i < with_room; i++)
+        assert_int_equal(crashed[i], 0);
+    fd = open(path, O_WRONLY);
+    assert_int_equal(pwrite(fd, crashed, with_room, 0), (ssize_t)with_room);
+    close(fd);
+    free(crashed);
+
+    log = open_ok(f, &rec);
+    assert_int_equal(rec.records, 200);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(file_size(path), records_only);
+    append_records(log, 4, 4);
+    kl_log_close(log);
+    verify_ok(f, 204);
+}
+
 static void test_garbage_after_last_record(void **state)
 {
     fx *f = *state;
@@ -948,11 +1033,21 @@ static void test_garbage_after_last_record(void **state)
     verify_ok(f, 11);
     good = file_size(path);
 
-    /* Zeros, as after a crash on a file system that extends first. */
+    /* Zeros, as after a crash on a file system that extends first or in
+     * the room a writer made: nothing was written there, so nothing is
+     * torn; the writer cuts them all the same. */
     memset(junk, 0, sizeof junk);
     append_file(path, junk, sizeof junk);
     log = open_ok(f, &rec);
     assert_int_equal(rec.records, 11);
+    assert_int_equal(rec.torn_bytes, 0);
+    assert_int_equal(file_size(path), good);
+    kl_log_close(log);
+    /* A record cut short, then zeros: torn, up to the end of the file. */
+    put_le32(junk, 300);
+    junk[4] = 0x5a;
+    append_file(path, junk, sizeof junk);
+    log = open_ok(f, &rec);
     assert_int_equal(rec.torn_bytes, sizeof junk);
     assert_int_equal(file_size(path), good);
     kl_log_close(log);
@@ -2417,6 +2512,7 @@ int main(void)
         T(test_torn_tail_every_offset),
         T(test_torn_group),
         T(test_torn_only_record_of_last_segment),
+        T(test_room),
         T(test_garbage_after_last_record),
         T(test_damage_in_last_segment),
         T(test_damage_in_earlier_segment),
