@@ -97,7 +97,9 @@ int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
         rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
         goto cleanup;
     }
-    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL | MADV_WILLNEED);
+    /* Two calls: madvise takes one advice at a time, not a mask. */
+    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
+    madvise(map, (size_t)st.st_size, MADV_WILLNEED);
     out->map = map;
     out->map_len = (size_t)st.st_size;
     out->data = (const uint8_t *)map + SNAP_HEADER;
