@@ -92,10 +92,10 @@ int kl_idmap_reserve(kl_idmap *m, uint32_t n)
     return cap > m->cap ? resize(m, (uint32_t)cap) : KL_OK;
 }
 
-/* Where id is, or the empty slot it would go to. */
-static uint32_t find(const kl_idmap *m, const kl_id *id)
+/* Where id (of hash h) is, or the empty slot it would go to. */
+static uint32_t find(const kl_idmap *m, const kl_id *id, uint64_t h)
 {
-    uint64_t h = id_hash(id), tag = tag_of(h);
+    uint64_t tag = tag_of(h);
     uint32_t j = (uint32_t)h & (m->cap - 1);
     for (;; j = (j + 1) & (m->cap - 1)) {
         uint64_t s = m->slots[j];
@@ -106,7 +106,7 @@ static uint32_t find(const kl_idmap *m, const kl_id *id)
 
 void *kl_idmap_get(const kl_idmap *m, const kl_id *id)
 {
-    return m->cap == 0 ? NULL : entity_of(m->slots[find(m, id)]);
+    return m->cap == 0 ? NULL : entity_of(m->slots[find(m, id, id_hash(id))]);
 }
 
 void *kl_idmap_at(const kl_idmap *m, uint32_t i)
@@ -114,7 +114,7 @@ void *kl_idmap_at(const kl_idmap *m, uint32_t i)
     return entity_of(m->slots[i]);
 }
 
-static int insert(kl_idmap *m, void *entity, bool replace)
+static int insert(kl_idmap *m, void *entity, uint64_t h, bool replace)
 {
     uint64_t addr = (uintptr_t)entity;
     if ((addr & ~ADDR_MASK) != 0)
@@ -122,16 +122,47 @@ static int insert(kl_idmap *m, void *entity, bool replace)
     if (full((uint64_t)m->len + 1, m->cap) &&
         resize(m, m->cap ? m->cap * 2 : 64) != KL_OK)
         return KL_ENOMEM;
-    uint32_t j = find(m, entity);
+    uint32_t j = find(m, entity, h);
     if (m->slots[j] != 0) {
         if (!replace)
             return KL_EEXIST;
     } else {
         m->len++;
     }
-    m->slots[j] = tag_of(id_hash(entity)) | addr;
+    m->slots[j] = tag_of(h) | addr;
     return KL_OK;
 }
 
-int kl_idmap_put(kl_idmap *m, void *entity) { return insert(m, entity, true); }
-int kl_idmap_add(kl_idmap *m, void *entity) { return insert(m, entity, false); }
+/* Many at once, into a map sized for them first: the slot of each entity
+ * is fetched into the cache AHEAD entities before it is needed, so the
+ * misses on a big map overlap instead of coming one after another. */
+int kl_idmap_add_all(kl_idmap *m, void *const *entities, uint32_t n)
+{
+    enum { AHEAD = 8 };
+    if ((uint64_t)m->len + n > UINT32_MAX || kl_idmap_reserve(m, m->len + n) != KL_OK)
+        return KL_ENOMEM;
+    uint64_t ring[AHEAD];
+    for (uint64_t i = 0; i < (uint64_t)n + AHEAD; i++) {
+        if (i >= AHEAD) {       /* first the one whose ring entry i reuses */
+            uint64_t k = i - AHEAD;
+            int rc = insert(m, entities[k], ring[k % AHEAD], false);
+            if (rc != KL_OK)
+                return rc;
+        }
+        if (i < n) {
+            ring[i % AHEAD] = id_hash(entities[i]);
+            __builtin_prefetch(&m->slots[ring[i % AHEAD] & (m->cap - 1)]);
+        }
+    }
+    return KL_OK;
+}
+
+int kl_idmap_put(kl_idmap *m, void *entity)
+{
+    return insert(m, entity, id_hash(entity), true);
+}
+
+int kl_idmap_add(kl_idmap *m, void *entity)
+{
+    return insert(m, entity, id_hash(entity), false);
+}

@@ -16,6 +16,9 @@ void *kl_idmap_at(const kl_idmap *m, uint32_t i);  /* slot i (< cap), or NULL */
 int kl_idmap_put(kl_idmap *m, void *entity);     /* adds or replaces */
 int kl_idmap_add(kl_idmap *m, void *entity);     /* KL_EEXIST if its id is in */
 int kl_idmap_reserve(kl_idmap *m, uint32_t n);   /* room for n without growing */
+/* kl_idmap_add of n entities, faster for many: KL_EEXIST if one's id is in
+ * (those before it are added). */
+int kl_idmap_add_all(kl_idmap *m, void *const *entities, uint32_t n);
 void kl_idmap_free(kl_idmap *m);
 
 /* Flow lists shared by keys (flowset.c). get finds or adds `flows` and

@@ -686,7 +686,7 @@ static void load_key(loader *l)
         return;
     }
     r_id(r, &k->id);
-    if (bad(l) || !put(l, &l->p->key_by_id, k)) {
+    if (bad(l)) {
         kl_keys_drop(&l->p->keys, k);
         return;
     }
@@ -786,6 +786,24 @@ static void load_key(loader *l)
     }
     if (!bad(l))
         push_ordered(l, k->deleted ? &kl_key_org(k)->deleted_keys : &kl_key_org(k)->keys, k);
+}
+
+/* The keys go into their index all at once, after the last is loaded
+ * (kl_idmap_add_all: a million inserts into a map of 16 MB are cache
+ * misses, and this way they overlap); every key is in its org's list. */
+static void index_keys(loader *l)
+{
+    for (uint32_t i = 0; i < l->p->orgs.len && !bad(l); i++) {
+        kl_org *o = l->p->orgs.items[i];
+        const kl_vec *lists[2] = {&o->keys, &o->deleted_keys};
+        for (int j = 0; j < 2; j++) {
+            int rc = kl_idmap_add_all(&l->p->key_by_id, lists[j]->items, lists[j]->len);
+            if (rc == KL_EEXIST)
+                l->r.bad = true;    /* one id for two keys */
+            else if (rc != KL_OK)
+                l->rc = rc;
+        }
+    }
 }
 
 static void load_computer(loader *l)
@@ -981,6 +999,8 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
         l.what = KINDS[k].what;
         for (uint64_t i = 0; i < n[k] && !bad(&l); i++)
             KINDS[k].load(&l);
+        if (KINDS[k].load == load_key && !bad(&l))
+            index_keys(&l);
     }
     if (!bad(&l) && r->p != r->end) {
         l.what = "the end";
