@@ -328,25 +328,25 @@ static void writer_main(void *arg)
     uv_mutex_lock(&cm->mu);
     for (;;) {
         kl_cmd *first = cm->unframed, *last = cm->unapplied.tail;
-        bool idle_sync = false;
+        bool sync_only = false;
         if (first == NULL) {
-            if (cm->dirty && may_sync && cm->stop) {
-                idle_sync = true;
-            } else if (cm->stop) {
+            bool unsynced = cm->dirty && may_sync;
+            if (!unsynced && cm->stop)
                 break;
-            } else if (cm->dirty && may_sync) {
-                /* --fsync batch: sync what waits once it is 10 ms old. */
-                uint64_t age = uv_hrtime() - cm->last_sync_ns;
-                uint64_t wait = SYNC_INTERVAL_MS * 1000000ull;
-                if (age < wait && uv_cond_timedwait(&cm->cv, &cm->mu, wait - age) == 0)
-                    continue;   /* woken: look again */
-                idle_sync = cm->unframed == NULL;
-                if (!idle_sync)
-                    continue;
-            } else {
+            if (!unsynced) {
                 uv_cond_wait(&cm->cv, &cm->mu);
                 continue;
             }
+            /* --fsync batch: what was written without a sync is synced
+             * once it is 10 ms old, and before a stop. */
+            uint64_t age = uv_hrtime() - cm->last_sync_ns;
+            uint64_t wait = SYNC_INTERVAL_MS * 1000000ull;
+            if (!cm->stop && age < wait &&
+                uv_cond_timedwait(&cm->cv, &cm->mu, wait - age) == 0)
+                continue;       /* woken: look again */
+            if (cm->unframed != NULL)
+                continue;       /* a batch came meanwhile: it syncs */
+            sync_only = true;
         }
         cm->unframed = NULL;    /* the loop's next command starts a batch */
         uv_mutex_unlock(&cm->mu);
@@ -356,11 +356,11 @@ static void writer_main(void *arg)
             /* Nothing to post the failure with: wait for memory. */
             uv_sleep(1);
             uv_mutex_lock(&cm->mu);
-            if (!idle_sync)
+            if (!sync_only)
                 cm->unframed = first;
             continue;
         }
-        if (idle_sync)
+        if (sync_only)
             sync_batch(cm, b);
         else
             write_batch(cm, b, first, last);
