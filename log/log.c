@@ -292,16 +292,22 @@ static int segment_create(const char *dir, uint64_t first_seq,
 
 /* ---- reading segments -------------------------------------------------- */
 
+/* A segment's bytes. The writer maps its files (nobody else changes them
+ * while it holds the lock). A read-only log copies them instead: a running
+ * daemon may cut a file it reads (its room at a roll, a torn tail at its
+ * start), and a mapping past a file's new end faults the reader; a copy
+ * just ends sooner. */
 typedef struct mapped {
     const uint8_t *data;
     size_t size;
+    bool copied;
 } mapped;
 
-static int segment_map(const char *dir, uint64_t first_seq, mapped *m, kl_err *err)
+static int segment_map(const kl_log *log, uint64_t first_seq, mapped *m, kl_err *err)
 {
     char name[32];
     kl_segment_name(first_seq, name);
-    char *path = kl_path_join(dir, name);
+    char *path = kl_path_join(log->dir, name);
     if (path == NULL)
         return KL_ENOMEM;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -315,23 +321,49 @@ static int segment_map(const char *dir, uint64_t first_seq, mapped *m, kl_err *e
     }
     m->size = (size_t)st.st_size;
     m->data = NULL;
-    if (m->size > 0) {
+    m->copied = log->cfg.read_only;
+    int rc = KL_OK;
+    if (m->size > 0 && m->copied) {
+        uint8_t *p = malloc(m->size);
+        ssize_t got = 0;
+        for (size_t at = 0; p != NULL && at < m->size; at += (size_t)got) {
+            got = pread(fd, p + at, m->size - at, (off_t)at);
+            if (got <= 0) {
+                if (got < 0 && errno == EINTR) {
+                    got = 0;
+                    continue;
+                }
+                m->size = at;   /* cut meanwhile: what is there */
+                break;
+            }
+        }
+        if (p == NULL || got < 0) {
+            kl_err_set(err, "segment %s: %s", name, p == NULL ? "out of memory"
+                                                                : strerror(errno));
+            rc = p == NULL ? KL_ENOMEM : KL_EIO;
+            free(p);
+        } else {
+            m->data = p;
+        }
+    } else if (m->size > 0) {
         void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (p == MAP_FAILED) {
             kl_err_set(err, "segment %s: mmap: %s", name, strerror(errno));
-            close(fd);
-            return KL_EIO;
+            rc = KL_EIO;
+        } else {
+            madvise(p, m->size, MADV_SEQUENTIAL);
+            m->data = p;
         }
-        madvise(p, m->size, MADV_SEQUENTIAL);
-        m->data = p;
     }
     close(fd);
-    return KL_OK;
+    return rc;
 }
 
 static void segment_unmap(mapped *m)
 {
-    if (m->data != NULL)
+    if (m->data != NULL && m->copied)
+        free((void *)m->data);
+    else if (m->data != NULL)
         munmap((void *)m->data, m->size);
     m->data = NULL;
 }
@@ -543,7 +575,7 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
     mapped m;
     char name[32];
     kl_segment_name(seg->first_seq, name);
-    int rc = segment_map(log->dir, seg->first_seq, &m, err);
+    int rc = segment_map(log, seg->first_seq, &m, err);
     if (rc != KL_OK)
         return rc;
     uint8_t carried[KL_HASH_LEN];
@@ -691,7 +723,7 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
         mapped m;
         char name[32];
         kl_segment_name(first, name);
-        if ((rc = segment_map(log->dir, first, &m, err)) != KL_OK)
+        if ((rc = segment_map(log, first, &m, err)) != KL_OK)
             goto cleanup;
         rc = header_check(&m, first, name, log->head_hash, err);
         segment_unmap(&m);
@@ -823,7 +855,7 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
         char name[32];
         kl_segment_name(seg->first_seq, name);
         mapped m;
-        int rc = segment_map(log->dir, seg->first_seq, &m, err);
+        int rc = segment_map(log, seg->first_seq, &m, err);
         if (rc != KL_OK)
             return rc;
         if (m.size < seg->size || m.size < HEADER_SIZE) {
