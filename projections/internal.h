@@ -5,6 +5,8 @@
 
 #include "projections.h"
 
+#include <pthread.h>
+
 /* Entities stored here must begin with their kl_id. */
 typedef struct kl_idmap {
     uint64_t *slots;            /* tag | pointer (idmap.c); 0: empty */
@@ -44,11 +46,16 @@ typedef struct kl_key_block kl_key_block;
 typedef struct kl_key_slab {
     kl_key_block *head;         /* the newest block; it links the older */
     uint32_t next_cap;          /* keys in the next block */
+    bool filling;               /* a thread faults in [fill_addr, +len) */
+    pthread_t filler;
+    void *fill_addr;
+    size_t fill_len;
 } kl_key_slab;
 
 kl_key *kl_keys_new(kl_key_slab *s);
 void kl_keys_drop(kl_key_slab *s, kl_key *k);
 void kl_keys_reserve(kl_key_slab *s, uint32_t n);
+void kl_keys_settle(kl_key_slab *s);    /* waits for reserve's thread */
 void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
 
 struct kl_proj {

@@ -999,8 +999,11 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
         l.what = KINDS[k].what;
         for (uint64_t i = 0; i < n[k] && !bad(&l); i++)
             KINDS[k].load(&l);
-        if (KINDS[k].load == load_key && !bad(&l))
-            index_keys(&l);
+        if (KINDS[k].load == load_key) {
+            kl_keys_settle(&l.p->keys);
+            if (!bad(&l))
+                index_keys(&l);
+        }
     }
     if (!bad(&l) && r->p != r->end) {
         l.what = "the end";

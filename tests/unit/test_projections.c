@@ -727,6 +727,28 @@ static void test_many_keys_found(void **state)
     kl_proj_stats st;
     kl_proj_stats_get(w->p, &st);
     assert_int_equal(st.keys, N);
+
+    /* Loaded from a snapshot: one block for them all, faulted in by a
+     * second thread while the loader fills it, then indexed at once. */
+    kl_buf snap = {0};
+    assert_int_equal(kl_proj_snapshot(w->p, &snap), KL_OK);
+    kl_proj *loaded = NULL;
+    kl_err err = {0};
+    assert_int_equal(kl_proj_load(&loaded, (const uint8_t *)snap.data, snap.len, &err),
+                     KL_OK);
+    for (int i = 0; i < N; i++) {
+        const kl_key *k = kl_proj_key(loaded, &ids[i]);
+        assert_non_null(k);
+        assert_true(kl_id_eq(&k->id, &ids[i]));
+        assert_string_equal(kl_key_name(k), "k");
+    }
+    kl_proj_free(loaded);
+    /* Cut short inside the keys: refused, the thread waited for. */
+    loaded = NULL;
+    assert_int_equal(kl_proj_load(&loaded, (const uint8_t *)snap.data, snap.len / 2, &err),
+                     KL_ECORRUPT);
+    assert_null(loaded);
+    kl_buf_free(&snap);
     free(ids);
     world_free(w);
 }
