@@ -41,7 +41,9 @@ void kl_flowsets_free(kl_flowsets *t);
  * (its id stays taken), so it need not carry malloc's header and rounding,
  * a tenth of its memory. new gives a zeroed key; drop frees what a key
  * holds and gives the newest key back (a create that failed half way);
- * reserve makes the next block room for n more. */
+ * reserve, when n more is more than one block holds (a snapshot's keys),
+ * makes one block of them now and has a thread fault it in; settle waits
+ * for that thread. */
 typedef struct kl_key_block kl_key_block;
 typedef struct kl_key_slab {
     kl_key_block *head;         /* the newest block; it links the older */
@@ -55,7 +57,7 @@ typedef struct kl_key_slab {
 kl_key *kl_keys_new(kl_key_slab *s);
 void kl_keys_drop(kl_key_slab *s, kl_key *k);
 void kl_keys_reserve(kl_key_slab *s, uint32_t n);
-void kl_keys_settle(kl_key_slab *s);    /* waits for reserve's thread */
+void kl_keys_settle(kl_key_slab *s);
 void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
 
 struct kl_proj {
