@@ -110,9 +110,9 @@ static bool shares_lock(const kl_cmd *a, const kl_cmd *b)
     return false;
 }
 
-static bool q_conflicts(const queue *q, const kl_cmd *c, const kl_cmd *stop)
+static bool q_conflicts(const queue *q, const kl_cmd *c)
 {
-    for (const kl_cmd *o = q->head; o != NULL && o != stop; o = o->next)
+    for (const kl_cmd *o = q->head; o != NULL; o = o->next)
         if (shares_lock(o, c))
             return true;
     return false;
@@ -251,7 +251,7 @@ void kl_cmd_submit(kl_daemon *d, kl_cmd *c)
         kl_cmd_free(c);
         return;
     }
-    if (q_conflicts(&cm->unapplied, c, NULL) || q_conflicts(&cm->deferred, c, NULL)) {
+    if (q_conflicts(&cm->unapplied, c) || q_conflicts(&cm->deferred, c)) {
         q_push(&cm->deferred, c);
         return;
     }
@@ -415,7 +415,7 @@ static void retry_deferred(kl_commit *cm)
     while ((c = q_pop(&waiting)) != NULL) {
         /* Still blocked by something unapplied, or by an earlier deferred
          * command with a shared lock (keeps arrival order). */
-        if (q_conflicts(&cm->unapplied, c, NULL) || q_conflicts(&cm->deferred, c, NULL))
+        if (q_conflicts(&cm->unapplied, c) || q_conflicts(&cm->deferred, c))
             q_push(&cm->deferred, c);
         else
             run(cm, c);

@@ -35,6 +35,8 @@ char *kl_path_join(const char *dir, const char *name);     /* malloc'd */
 void kl_segment_name(uint64_t first_seq, char out[32]);
 /* pwrite all of it: KL_ENOSPC for a full disk or short write, else KL_EIO. */
 int kl_write_all(int fd, const void *p, size_t n, off_t off);
+/* pread until n bytes or the end of the file: how many, or -1 (errno). */
+ssize_t kl_read_all(int fd, void *p, size_t n, uint64_t off);
 int kl_fsync_dir(const char *dir);
 /* Writes `head` then `body` as file `name` in dir: temp, fsync, rename,
  * fsync the dir, so the file is either whole or not there. */

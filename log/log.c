@@ -54,11 +54,11 @@
  * and readers stop at it.
  *
  * Recovery (kl_log_open): every segment but the last must be valid to its
- * end (or its room) and end on a finished group. In the last, the first invalid record is
- * a torn tail when no valid record starts anywhere after it: the file is cut
- * there (or where the unfinished group before it began) and fsynced, and
- * the cut is reported. If a valid record does follow, that is damage and the
- * open fails naming the segment and offset. Startup checks CRCs and links
+ * end (or its room) and end on a finished group. In the last, the first
+ * invalid record is a torn tail when no valid record starts anywhere after
+ * it: the file is cut there (or where the unfinished group before it
+ * began) and fsynced, and the cut is reported. If a valid record does
+ * follow, that is damage and the open fails naming the segment and offset. Startup checks CRCs and links
  * between segments; the full chain (every prev against the hash of the
  * record before) is checked by kl_log_verify, which `keyledger verify` runs.
  *
@@ -172,6 +172,22 @@ int kl_write_all(int fd, const void *p, size_t n, off_t off)
         off += w;
     }
     return KL_OK;
+}
+
+ssize_t kl_read_all(int fd, void *p, size_t n, uint64_t off)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, (char *)p + got, n - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
 }
 
 int kl_fsync_dir(const char *dir)
@@ -325,18 +341,7 @@ static int segment_map(const kl_log *log, uint64_t first_seq, mapped *m, kl_err 
     int rc = KL_OK;
     if (m->size > 0 && m->copied) {
         uint8_t *p = malloc(m->size);
-        ssize_t got = 0;
-        for (size_t at = 0; p != NULL && at < m->size; at += (size_t)got) {
-            got = pread(fd, p + at, m->size - at, (off_t)at);
-            if (got <= 0) {
-                if (got < 0 && errno == EINTR) {
-                    got = 0;
-                    continue;
-                }
-                m->size = at;   /* cut meanwhile: what is there */
-                break;
-            }
-        }
+        ssize_t got = p != NULL ? kl_read_all(fd, p, m->size, 0) : 0;
         if (p == NULL || got < 0) {
             kl_err_set(err, "segment %s: %s", name, p == NULL ? "out of memory"
                                                                 : strerror(errno));
@@ -344,6 +349,7 @@ static int segment_map(const kl_log *log, uint64_t first_seq, mapped *m, kl_err 
             free(p);
         } else {
             m->data = p;
+            m->size = (size_t)got;      /* less if it was cut meanwhile */
         }
     } else if (m->size > 0) {
         void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);

@@ -90,23 +90,6 @@ static void err_at(kl_err *err, const rseg *s, uint64_t offset, const char *fmt,
     err->offset = offset;
 }
 
-/* Reads until n bytes or the end of the file; returns how many, or -1. */
-static ssize_t pread_full(int fd, void *buf, size_t n, uint64_t off)
-{
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, (char *)buf + got, n - got, (off_t)(off + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0)
-            break;
-        got += (size_t)r;
-    }
-    return (ssize_t)got;
-}
-
 static int read_manifest(kl_log_reader *r, kl_err *err)
 {
     uint64_t last;
@@ -213,7 +196,7 @@ static int seg_open(kl_log_reader *r, rseg *s, kl_err *err)
     if (s->end != 0)
         return KL_OK;
     uint8_t h[HEADER_SIZE];
-    ssize_t got = pread_full(s->fd, h, sizeof h, 0);
+    ssize_t got = kl_read_all(s->fd, h, sizeof h, 0);
     if (got < 0) {
         err_at(err, s, 0, "read header: %s", strerror(errno));
         rc = KL_EIO;
@@ -276,7 +259,7 @@ static int seg_walk(kl_log_reader *r, rseg *s, uint64_t want, kl_err *err)
     uint64_t size = (uint64_t)st.st_size;
     while (s->n <= want && size > s->end && size - s->end >= 8) {
         uint64_t n = size - s->end < CHUNK ? size - s->end : CHUNK;
-        ssize_t got = pread_full(s->fd, r->chunk, (size_t)n, s->end);
+        ssize_t got = kl_read_all(s->fd, r->chunk, (size_t)n, s->end);
         if (got < 0) {
             err_at(err, s, s->end, "read: %s", strerror(errno));
             return KL_EIO;
@@ -375,7 +358,7 @@ void kl_log_reader_close(kl_log_reader *r)
 static int read_exact(rseg *s, void *buf, size_t n, uint64_t off, uint64_t rec,
                       kl_err *err)
 {
-    ssize_t got = pread_full(s->fd, buf, n, off);
+    ssize_t got = kl_read_all(s->fd, buf, n, off);
     if (got < 0) {
         err_at(err, s, rec, "read: %s", strerror(errno));
         return KL_EIO;
