@@ -95,9 +95,16 @@ enum {
 #define KL_LOG_MAX_RECORD (1u << 20)
 static const char MAGIC[8] = {'K', 'L', 'E', 'D', 'G', 'E', 'R', 'L'};
 
+/* Open remembers where every MARK_EVERY-th record of a segment it scanned
+ * starts, so a replay from a seq deep in a segment (the tail after a
+ * snapshot) need not walk every record before it. */
+enum { MARK_EVERY = 4096 };
+
 typedef struct segment {
     uint64_t first_seq;
     uint64_t size;              /* bytes that are valid (after any cut) */
+    uint64_t *marks;            /* marks[i]: record first_seq + i * MARK_EVERY */
+    size_t nmarks;
 } segment;
 
 struct kl_log {
@@ -480,7 +487,7 @@ static int segs_push(kl_log *log, uint64_t first)
         log->segs = p;
         log->cap_segs = cap;
     }
-    log->segs[log->nsegs++] = (segment){first, 0};
+    log->segs[log->nsegs++] = (segment){first, 0, NULL, 0};
     return KL_OK;
 }
 
@@ -574,6 +581,22 @@ static int lock_dir(kl_log *log, kl_err *err)
 /* Walks one segment's records, checking framing, CRC, sequence and groups.
  * Sets seg->size to the end of the last whole group and reports anything
  * after it in the last segment as torn. */
+/* Marks record `seq` at `off` if it is the next one due. Without memory
+ * for one, marking stops: the replay walks from the mark before, slower,
+ * not wrong. */
+static void mark(segment *seg, uint64_t seq, uint64_t off)
+{
+    if (seq - seg->first_seq != (uint64_t)seg->nmarks * MARK_EVERY)
+        return;
+    if ((seg->nmarks & (seg->nmarks - 1)) == 0) {   /* 0, 1, 2, 4, ...: full */
+        uint64_t *p = realloc(seg->marks, (seg->nmarks ? seg->nmarks * 2 : 1) * sizeof *p);
+        if (p == NULL)
+            return;
+        seg->marks = p;
+    }
+    seg->marks[seg->nmarks++] = off;
+}
+
 static int segment_scan(kl_log *log, segment *seg, bool is_last,
                         uint64_t *expect_seq, uint8_t hash[KL_HASH_LEN],
                         kl_log_recovery *rec, kl_err *err)
@@ -637,6 +660,7 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
             rc = KL_ECORRUPT;
             goto cleanup;
         }
+        mark(seg, seq, off);
         bool more = record_more(&m, off);
         off += 8 + (size_t)len;
         (*expect_seq)++;
@@ -663,6 +687,8 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
         rec->records = done_records;
     }
     seg->size = done;
+    while (seg->nmarks > 0 && seg->marks[seg->nmarks - 1] >= done)
+        seg->nmarks--;          /* records that were cut */
     if (last_len != 0)
         kl_sha256(m.data + last_off + 8, last_len, hash);
     rc = KL_OK;
@@ -801,6 +827,8 @@ void kl_log_close(kl_log *log)
     }
     if (log->lock_fd >= 0)
         close(log->lock_fd);   /* releases the flock */
+    for (size_t i = 0; i < log->nsegs; i++)
+        free(log->segs[i].marks);
     free(log->segs);
     free(log->dir);
     free(log);
@@ -871,6 +899,12 @@ int kl_log_replay(kl_log *log, uint64_t from_seq, bool with_hashes,
         }
         memcpy(hash, m.data + 24, KL_HASH_LEN);
         size_t off = HEADER_SIZE;
+        if (!with_hashes && from_seq > expect && seg->nmarks > 0) {
+            size_t k = (size_t)((from_seq - expect) / MARK_EVERY);
+            k = k < seg->nmarks ? k : seg->nmarks - 1;
+            off = (size_t)seg->marks[k];
+            expect += (uint64_t)k * MARK_EVERY;
+        }
         /* Only what open checked, CRCs included: records appended since
          * are not read, and the checked ones cannot change (the writer
          * holds the lock and only appends), so their CRCs are not computed
