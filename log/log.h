@@ -536,23 +536,26 @@ int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_
 typedef struct kl_snapshot_data {
     const uint8_t *data;
     size_t len;
+    uint32_t crc;               /* what the header says the payload's is */
     void *map;                  /* the mapping (private) */
     size_t map_len;
 } kl_snapshot_data;
-/* Reads snapshot `seq`, checking its header and payload checksums
- * (KL_ECORRUPT when it is not whole). Release what it gave with
- * kl_snapshot_release (a zeroed kl_snapshot_data is fine to release). */
+/* Opens snapshot `seq`: checks its header and maps its payload, whose
+ * checksum is left to kl_snapshot_check (a loader may run that beside its
+ * own reading, which trusts no byte anyway). KL_ECORRUPT when the header is
+ * not whole. Release what it gave with kl_snapshot_release (a zeroed
+ * kl_snapshot_data is fine to release). */
+int kl_snapshot_open(const char *dir, uint64_t seq, kl_snapshot_data *out,
+                     uint8_t hash[KL_HASH_LEN], kl_err *err);
+/* Whether the payload matches its checksum. */
+bool kl_snapshot_check(const kl_snapshot_data *s);
+/* kl_snapshot_open, then kl_snapshot_check (KL_ECORRUPT, released, when
+ * the payload is not whole). */
 int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err);
 void kl_snapshot_release(kl_snapshot_data *s);
 /* The seqs of the snapshot files in dir (at most max), ascending. */
 int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
                      kl_err *err);
-/* The newest whole snapshot (header and payload checksums) of a record at or
- * before max_seq: its payload, seq and chain hash. Damaged ones are skipped
- * (and logged); KL_ENOENT when there is none. */
-int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
-                            uint64_t *seq, uint8_t hash[KL_HASH_LEN],
-                            const kl_logger *lg, kl_err *err);
 
 #endif

@@ -60,8 +60,9 @@ void kl_snapshot_release(kl_snapshot_data *s)
 
 /* The payload is mapped, not read: a snapshot of a million keys is a few
  * hundred MiB that the loader reads once, front to back, and the page cache
- * already holds; copying it into fresh memory cost more than loading it. */
-int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
+ * already holds; copying it into fresh memory cost more than loading it.
+ * MAP_POPULATE maps it all in one call rather than a fault per page. */
+int kl_snapshot_open(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err)
 {
     char name[48];
@@ -91,28 +92,41 @@ int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
         kl_err_set(err, "%s: header does not fit the file", name);
         goto cleanup;
     }
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     if (map == MAP_FAILED) {
         kl_err_set(err, "map %s: %s", name, strerror(errno));
         rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
         goto cleanup;
     }
-    /* Two calls: madvise takes one advice at a time, not a mask. */
     madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
-    madvise(map, (size_t)st.st_size, MADV_WILLNEED);
     out->map = map;
     out->map_len = (size_t)st.st_size;
     out->data = (const uint8_t *)map + SNAP_HEADER;
     out->len = (size_t)len;
-    if (kl_crc32c(0, out->data, out->len) != get_u32(h + 64)) {
-        kl_err_set(err, "%s: payload checksum does not match", name);
-        kl_snapshot_release(out);
-        goto cleanup;
-    }
+    out->crc = get_u32(h + 64);
     memcpy(hash, h + 24, KL_HASH_LEN);
     rc = KL_OK;
 cleanup:
     close(fd);
+    return rc;
+}
+
+bool kl_snapshot_check(const kl_snapshot_data *s)
+{
+    return kl_crc32c(0, s->data, s->len) == s->crc;
+}
+
+int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
+                     uint8_t hash[KL_HASH_LEN], kl_err *err)
+{
+    int rc = kl_snapshot_open(dir, seq, out, hash, err);
+    if (rc == KL_OK && !kl_snapshot_check(out)) {
+        char name[48];
+        snapshot_name(seq, name);
+        kl_err_set(err, "%s: payload checksum does not match", name);
+        kl_snapshot_release(out);
+        rc = KL_ECORRUPT;
+    }
     return rc;
 }
 
@@ -151,26 +165,3 @@ int kl_snapshot_list(const char *dir, uint64_t *seqs, size_t max, size_t *n,
         }
     return KL_OK;
 }
-
-int kl_snapshot_read_newest(const char *dir, uint64_t max_seq, kl_snapshot_data *payload,
-                            uint64_t *seq, uint8_t hash[KL_HASH_LEN],
-                            const kl_logger *lg, kl_err *err)
-{
-    uint64_t seqs[256];
-    size_t n;
-    int rc = kl_snapshot_list(dir, seqs, 256, &n, err);
-    /* Newest first: try each until one is whole. */
-    for (size_t i = n; rc == KL_OK && i > 0; i--) {
-        if (seqs[i - 1] > max_seq)
-            continue;
-        rc = kl_snapshot_read(dir, seqs[i - 1], payload, hash, err);
-        if (rc == KL_OK)
-            *seq = seqs[i - 1];
-        if (rc == KL_OK || rc == KL_ENOMEM)
-            return rc;
-        KL_LOGF(lg, KL_WARN, "ignoring a snapshot: %s", err->msg);
-        rc = KL_OK;
-    }
-    return rc == KL_OK ? KL_ENOENT : rc;
-}
-

@@ -23,6 +23,7 @@
 #include "internal.h"
 
 #include <msgpack.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1047,36 +1048,91 @@ static int apply_tail(uint64_t seq, const uint8_t *payload, size_t len,
     return kl_proj_apply_record(t->p, payload, len, t->err);
 }
 
+/* The payload's checksum, computed on a second thread while the loader
+ * reads the same bytes: the loader trusts none of them, and its result is
+ * kept only if the checksum matches. */
+typedef struct crc_job {
+    const kl_snapshot_data *snap;
+    bool whole;
+} crc_job;
+
+static void *check_crc(void *arg)
+{
+    crc_job *j = arg;
+    j->whole = kl_snapshot_check(j->snap);
+    return NULL;
+}
+
+/* The state in snapshot `seq` if it is whole and of this log's history. */
+static int load_snapshot(kl_proj **out, kl_log *log, const char *dir, uint64_t seq,
+                         uint8_t hash[KL_HASH_LEN], kl_err *err)
+{
+    *out = NULL;
+    kl_snapshot_data snap;
+    int rc = kl_snapshot_open(dir, seq, &snap, hash, err);
+    if (rc != KL_OK)
+        return rc;
+    crc_job job = {&snap, false};
+    pthread_t t;
+    bool apart = pthread_create(&t, NULL, check_crc, &job) == 0;
+    kl_proj *p = NULL;
+    rc = kl_proj_load(&p, snap.data, snap.len, err);
+    if (apart)
+        pthread_join(t, NULL);
+    else
+        check_crc(&job);
+    kl_snapshot_release(&snap);
+    uint8_t head_hash[KL_HASH_LEN];
+    kl_log_head_hash(log, head_hash);
+    if (!job.whole) {
+        kl_err_set(err, "snapshot of seq %llu: payload checksum does not match",
+                   (unsigned long long)seq);
+        rc = KL_ECORRUPT;
+    } else if (rc == KL_OK && (kl_proj_seq(p) != seq || seq < kl_log_first_seq(log) ||
+                               (seq == kl_log_head_seq(log) &&
+                                memcmp(head_hash, hash, KL_HASH_LEN) != 0))) {
+        /* A snapshot from before the log begins is an older log's (one a
+         * compaction replaced), even if its hash is the one this log goes
+         * on from. */
+        kl_err_set(err, "the snapshot of seq %llu is not of this log's history",
+                   (unsigned long long)seq);
+        rc = KL_ECORRUPT;
+    }
+    if (rc != KL_OK) {
+        kl_proj_free(p);
+        return rc;
+    }
+    *out = p;
+    return KL_OK;
+}
+
 int kl_proj_rebuild(kl_proj **out, kl_log *log, const char *dir, const kl_logger *lg,
                     uint64_t *from, kl_err *err)
 {
     *out = NULL;
     *from = 0;
-    uint64_t head = kl_log_head_seq(log), seq = 0;
+    uint64_t seqs[256], seq = 0;
+    size_t n;
     uint8_t hash[KL_HASH_LEN];
-    kl_snapshot_data snap = {0};
     kl_proj *p = NULL;
-    int rc = kl_snapshot_read_newest(dir, head, &snap, &seq, hash, lg, err);
-    if (rc == KL_OK) {
-        rc = kl_proj_load(&p, snap.data, snap.len, err);
-        uint8_t head_hash[KL_HASH_LEN];
-        kl_log_head_hash(log, head_hash);
-        /* A snapshot from before the log begins is an older log's (one a
-         * compaction replaced), even if its hash is the one this log goes
-         * on from. */
-        if (rc == KL_OK && (kl_proj_seq(p) != seq || seq < kl_log_first_seq(log) ||
-                            (seq == head && memcmp(head_hash, hash, KL_HASH_LEN) != 0))) {
-            kl_err_set(err, "the snapshot of seq %llu is not of this log's history",
-                       (unsigned long long)seq);
-            rc = KL_ECORRUPT;
-        }
+    int rc = kl_snapshot_list(dir, seqs, 256, &n, err);
+    if (rc != KL_OK) {
+        KL_LOGF(lg, KL_WARN, "not starting from a snapshot (%s)", err->msg);
+        n = 0;
     }
-    kl_snapshot_release(&snap);
-    if (rc == KL_ENOMEM)
-        return rc;
-    if (rc != KL_OK && rc != KL_ENOENT)
-        KL_LOGF(lg, KL_WARN, "not starting from a snapshot (%s): replaying the whole log",
-                err->msg);
+    /* Newest first: the first whole one of this log's history. */
+    for (size_t i = n; i > 0 && p == NULL; i--) {
+        if (seqs[i - 1] > kl_log_head_seq(log))
+            continue;
+        rc = load_snapshot(&p, log, dir, seqs[i - 1], hash, err);
+        if (rc == KL_ENOMEM)
+            return rc;
+        if (rc == KL_OK)
+            seq = seqs[i - 1];
+        else
+            KL_LOGF(lg, KL_WARN, "ignoring a snapshot: %s", err->msg);
+    }
+    rc = p != NULL ? KL_OK : KL_ENOENT;
     for (int attempt = 0; attempt < 2; attempt++) {
         if (rc != KL_OK) {
             kl_proj_free(p);

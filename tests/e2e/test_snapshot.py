@@ -122,6 +122,31 @@ def test_damaged_snapshot_is_skipped():
     check("loaded the snapshot" in env.daemon.stderr_text(), "the repaired one is used")
 
 
+def test_damaged_newest_snapshot_falls_back_to_an_older_one():
+    """The payload's checksum is checked beside the loading: a newest
+    snapshot that loads but fails it is dropped for the one before it."""
+    env = h.Env()
+    _build(env)
+    env.stop()
+    older = _snapshot(env.data)
+    env.start()
+    h.create_key(env.client(), "after the first snapshot")
+    env.stop()
+    newer = _snapshot(env.data)
+    check(newer["seq"] > older["seq"], "two snapshots: %r %r" % (older, newer))
+    env.start()
+    before = _views(env)
+    env.stop()
+    path = os.path.join(env.data, newer["snapshot"])
+    h.flip_byte(path, os.path.getsize(path) - 3)    # inside the last entity
+    env.start()
+    err = env.daemon.stderr_text()
+    check("loaded the snapshot of seq %d" % older["seq"] in err,
+          "started from the older snapshot: " + err)
+    check("checksum" in err and "warn" in err, "and the log says why: " + err)
+    eq(_views(env), before, "the state is the same")
+
+
 def test_foreign_snapshot_is_skipped():
     """A snapshot of another log with the same number of records (a copy
     from the wrong data dir) does not chain to this log: not used."""
