@@ -92,6 +92,16 @@ int kl_flowsets_get(kl_flowsets *t, const kl_str *flows, uint32_t n,
     return KL_OK;
 }
 
+bool kl_flowset_is(const kl_flowset *set, const kl_str *flows, uint32_t n)
+{
+    return same_list(set, flows, n);
+}
+
+void kl_flowsets_hold(const kl_flowset *set, uint32_t more)
+{
+    ((kl_flowset *)set)->refs += more;
+}
+
 void kl_flowsets_put(kl_flowsets *t, const kl_flowset *set)
 {
     if (set == NULL || --((kl_flowset *)set)->refs > 0)

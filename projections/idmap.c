@@ -133,30 +133,6 @@ static int insert(kl_idmap *m, void *entity, uint64_t h, bool replace)
     return KL_OK;
 }
 
-/* Many at once, into a map sized for them first: the slot of each entity
- * is fetched into the cache AHEAD entities before it is needed, so the
- * misses on a big map overlap instead of coming one after another. */
-int kl_idmap_add_all(kl_idmap *m, void *const *entities, uint32_t n)
-{
-    enum { AHEAD = 8 };
-    if ((uint64_t)m->len + n > UINT32_MAX || kl_idmap_reserve(m, m->len + n) != KL_OK)
-        return KL_ENOMEM;
-    uint64_t ring[AHEAD];
-    for (uint64_t i = 0; i < (uint64_t)n + AHEAD; i++) {
-        if (i >= AHEAD) {       /* first the one whose ring entry i reuses */
-            uint64_t k = i - AHEAD;
-            int rc = insert(m, entities[k], ring[k % AHEAD], false);
-            if (rc != KL_OK)
-                return rc;
-        }
-        if (i < n) {
-            ring[i % AHEAD] = id_hash(entities[i]);
-            __builtin_prefetch(&m->slots[ring[i % AHEAD] & (m->cap - 1)]);
-        }
-    }
-    return KL_OK;
-}
-
 int kl_idmap_put(kl_idmap *m, void *entity)
 {
     return insert(m, entity, id_hash(entity), true);
@@ -166,3 +142,42 @@ int kl_idmap_add(kl_idmap *m, void *entity)
 {
     return insert(m, entity, id_hash(entity), false);
 }
+
+void kl_idmap_prefetch(const kl_idmap *m, const kl_id *id)
+{
+    __builtin_prefetch(&m->slots[(uint32_t)id_hash(id) & (m->cap - 1)], 1);
+}
+
+bool kl_idmap_has_room(const kl_idmap *m, uint32_t n)
+{
+    return m->cap > 0 && !full((uint64_t)m->len + n, m->cap);
+}
+
+/* As insert, but a slot is taken with a compare-and-swap: two threads
+ * adding at once each see the other's entries (an id added by both is
+ * KL_EEXIST for one of them). The entity's bytes are published with its
+ * slot (release), read after it (acquire). */
+int kl_idmap_add_concurrent(kl_idmap *m, void *entity)
+{
+    uint64_t addr = (uintptr_t)entity;
+    if ((addr & ~ADDR_MASK) != 0)
+        return KL_ENOMEM;
+    const kl_id *id = entity;
+    uint64_t h = id_hash(id), tag = tag_of(h);
+    for (uint32_t j = (uint32_t)h & (m->cap - 1);; j = (j + 1) & (m->cap - 1)) {
+        uint64_t s = __atomic_load_n(&m->slots[j], __ATOMIC_ACQUIRE);
+        while (s == 0) {
+            if (__atomic_compare_exchange_n(&m->slots[j], &s, tag | addr, false,
+                                            __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+                return KL_OK;
+        }
+        if (tag_of(s) == tag && id_same(entity_of(s), id))
+            return KL_EEXIST;
+    }
+}
+
+void kl_idmap_count_added(kl_idmap *m, uint32_t n)
+{
+    m->len += n;
+}
+

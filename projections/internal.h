@@ -18,10 +18,15 @@ void *kl_idmap_at(const kl_idmap *m, uint32_t i);  /* slot i (< cap), or NULL */
 int kl_idmap_put(kl_idmap *m, void *entity);     /* adds or replaces */
 int kl_idmap_add(kl_idmap *m, void *entity);     /* KL_EEXIST if its id is in */
 int kl_idmap_reserve(kl_idmap *m, uint32_t n);   /* room for n without growing */
-/* kl_idmap_add of n entities, faster for many: KL_EEXIST if one's id is in
- * (those before it are added). */
-int kl_idmap_add_all(kl_idmap *m, void *const *entities, uint32_t n);
 void kl_idmap_free(kl_idmap *m);
+/* Adding from two threads at once, into a map with room for all they add
+ * (has_room): add_concurrent never grows the map nor counts; count_added
+ * counts what was added, once the threads are done. prefetch brings the
+ * slot an id would start its probe at into the cache. */
+bool kl_idmap_has_room(const kl_idmap *m, uint32_t n);
+int kl_idmap_add_concurrent(kl_idmap *m, void *entity);
+void kl_idmap_count_added(kl_idmap *m, uint32_t n);
+void kl_idmap_prefetch(const kl_idmap *m, const kl_id *id);
 
 /* Flow lists shared by keys (flowset.c). get finds or adds `flows` and
  * counts one more holder; put counts one fewer and frees the list with its
@@ -34,6 +39,9 @@ typedef struct kl_flowsets {
 
 int kl_flowsets_get(kl_flowsets *t, const kl_str *flows, uint32_t n,
                     const kl_flowset **out);
+/* Whether `set` is the list `flows`; hold counts `more` holders of it. */
+bool kl_flowset_is(const kl_flowset *set, const kl_str *flows, uint32_t n);
+void kl_flowsets_hold(const kl_flowset *set, uint32_t more);
 void kl_flowsets_put(kl_flowsets *t, const kl_flowset *set);
 void kl_flowsets_free(kl_flowsets *t);
 
@@ -41,10 +49,11 @@ void kl_flowsets_free(kl_flowsets *t);
  * (its id stays taken), so it need not carry malloc's header and rounding,
  * a tenth of its memory. new gives a zeroed key; drop frees what a key
  * holds and gives the newest key back (a create that failed half way);
- * reserve, when n more is more than one block holds (a snapshot's keys),
- * makes one block of them now and has a thread fault it in; settle waits
- * for that thread. */
+ * take gives n zeroed keys in one block, all counted as used (a snapshot's:
+ * a loader fills them in place), and for many has a thread fault the block
+ * in; settle waits for that thread. */
 typedef struct kl_key_block kl_key_block;
+typedef struct kl_text_chunk kl_text_chunk;
 typedef struct kl_key_slab {
     kl_key_block *head;         /* the newest block; it links the older */
     uint32_t next_cap;          /* keys in the next block */
@@ -52,13 +61,21 @@ typedef struct kl_key_slab {
     pthread_t filler;
     void *fill_addr;
     size_t fill_len;
+    kl_text_chunk *texts;       /* where loaded keys' texts are */
 } kl_key_slab;
 
 kl_key *kl_keys_new(kl_key_slab *s);
 void kl_keys_drop(kl_key_slab *s, kl_key *k);
-void kl_keys_reserve(kl_key_slab *s, uint32_t n);
+kl_key *kl_keys_take(kl_key_slab *s, uint32_t n);
 void kl_keys_settle(kl_key_slab *s);
 void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
+/* n bytes for a key's texts from a list of chunks (one list per loading
+ * thread, no lock); adopt hands a list to the slab, which frees it with
+ * the keys (texts_in_chunk: a key's strings are there); free_texts frees a
+ * list no slab took. */
+char *kl_keys_text(kl_text_chunk **chunks, size_t n);
+void kl_keys_adopt_texts(kl_key_slab *s, kl_text_chunk *chunks);
+void kl_keys_free_texts(kl_text_chunk *chunks);
 
 struct kl_proj {
     uint64_t seq;

@@ -3,10 +3,11 @@
  * id, its usage and its place in the audit), so keys are cut from blocks,
  * each a run of structs with no malloc header or rounding between them. A
  * block holds twice the keys of the one before, up to MAX_BLOCK; a snapshot
- * that knows how many keys it holds asks for one block of them all, and a
- * second thread faults that block in while the loader fills it (on a VM
+ * that knows how many keys it holds takes one block of them all, and a
+ * second thread faults that block in while the loaders fill it (on a VM
  * the host backs memory on first touch: most of what loading a million
- * keys costs).
+ * keys costs). A snapshot's key texts come from big chunks the slab frees
+ * with it, not an allocation each.
  */
 #include "internal.h"
 
@@ -48,18 +49,18 @@ static void *populate(void *arg)
     return NULL;
 }
 
-void kl_keys_reserve(kl_key_slab *s, uint32_t n)
+kl_key *kl_keys_take(kl_key_slab *s, uint32_t n)
 {
-    kl_key_block *b = s->head;
-    uint32_t room = b != NULL ? b->cap - b->used : 0;
-    if (n <= room || n - room <= MAX_BLOCK || s->filling)
-        return;
-    b = calloc(1, sizeof *b + (size_t)(n - room) * sizeof(kl_key));
+    if (n == 0 || s->filling)
+        return NULL;
+    kl_key_block *b = calloc(1, sizeof *b + (size_t)n * sizeof(kl_key));
     if (b == NULL)
-        return;                 /* the loader asks block by block */
-    b->cap = n - room;
+        return NULL;
+    b->cap = b->used = n;
     b->older = s->head;
     s->head = b;
+    if (n <= MAX_BLOCK)
+        return b->keys;
     /* The pages wholly inside the block (a block this big is mapped on its
      * own, so they are fresh). */
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
@@ -69,6 +70,54 @@ void kl_keys_reserve(kl_key_slab *s, uint32_t n)
         s->fill_addr = (void *)from;
         s->fill_len = to - from;
         s->filling = pthread_create(&s->filler, NULL, populate, s) == 0;
+    }
+    return b->keys;
+}
+
+/* Chunks of texts, each twice the one before up to TEXT_CHUNK_MAX: the big
+ * ones are mapped on their own, where the kernel can back them with huge
+ * pages (a fault per 4 KiB page is most of what filling them costs). */
+enum { TEXT_CHUNK_MIN = 64 << 10, TEXT_CHUNK_MAX = 32 << 20 };
+
+struct kl_text_chunk {
+    kl_text_chunk *next;
+    size_t used, cap;
+    char data[];
+};
+
+char *kl_keys_text(kl_text_chunk **chunks, size_t n)
+{
+    kl_text_chunk *c = *chunks;
+    if (c == NULL || c->cap - c->used < n) {
+        size_t cap = c == NULL ? TEXT_CHUNK_MIN
+                     : c->cap < TEXT_CHUNK_MAX ? 2 * c->cap : TEXT_CHUNK_MAX;
+        cap = n > cap ? n : cap;
+        if ((c = malloc(sizeof *c + cap)) == NULL)
+            return NULL;
+        c->used = 0;
+        c->cap = cap;
+        c->next = *chunks;
+        *chunks = c;
+    }
+    c->used += n;
+    return c->data + c->used - n;
+}
+
+void kl_keys_adopt_texts(kl_key_slab *s, kl_text_chunk *chunks)
+{
+    while (chunks != NULL) {
+        kl_text_chunk *next = chunks->next;
+        chunks->next = s->texts;
+        s->texts = chunks;
+        chunks = next;
+    }
+}
+
+void kl_keys_free_texts(kl_text_chunk *chunks)
+{
+    for (kl_text_chunk *next; chunks != NULL; chunks = next) {
+        next = chunks->next;
+        free(chunks);
     }
 }
 
@@ -84,7 +133,8 @@ static void release(kl_key *k)
     if (k->usage != NULL)
         free(k->usage->items);
     free(k->usage);
-    free(k->strings);
+    if (!k->texts_in_chunk)
+        free(k->strings);
     if (k->revoked) {
         free(k->aside.revocation->comment);
         free(k->aside.revocation);
@@ -110,5 +160,6 @@ void kl_keys_free(kl_key_slab *s)
             release(&b->keys[i]);
         free(b);
     }
+    kl_keys_free_texts(s->texts);
     memset(s, 0, sizeof *s);
 }

@@ -404,8 +404,10 @@ int kl_p_key_settings(kl_proj *p, kl_key *k, const kl_event *ev)
         k->flows = flows;
         k->access = ev->access;
     }
-    free(k->strings);
+    if (!k->texts_in_chunk)
+        free(k->strings);
     k->strings = blob;
+    k->texts_in_chunk = false;
     if (ev->has & KL_F_RATE_LIMIT) {
         k->rl_minute = ev->rl_minute;
         k->rl_day = ev->rl_day;

@@ -4,10 +4,14 @@
  *
  * The payload is a stream of msgpack values (any msgpack tool can read it):
  *
- *   header  ["keyledger-state", 1, seq, orgs, users, service accounts,
- *            keys, computers, sessions, messages, alerts, idempotency]
+ *   header  ["keyledger-state", 2, seq, orgs, users, service accounts,
+ *            keys, computers, sessions, messages, alerts, idempotency,
+ *            key split]
  *   then that many entities of each kind, in that order, each an array
- *   (the fields are listed where they are written below).
+ *   (the fields are listed where they are written below). The key split is
+ *   the payload offset of key number keys / 2 when there are SPLIT_KEYS or
+ *   more (else 0), written as a 9-byte uint 64 so it can be filled in once
+ *   known: a loader gives the second half to a second thread.
  *
  * Entities refer to each other by id (a user's org, a key's owner) and come
  * after what they refer to, so loading is one pass. Each kind is written in
@@ -27,7 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { FORMAT = 1, MAX_TEXT = 65536 };
+/* Format 2 added the key split: with at least SPLIT_KEYS keys, the keys
+ * load as two halves on two threads. */
+enum { FORMAT = 2, MAX_TEXT = 65536, SPLIT_KEYS = 20000 };
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "an org's history is written in host order: little endian");
 static const char MAGIC[] = "keyledger-state";
@@ -166,7 +172,8 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out)
     msgpack_packer_init(&w.pk, out, buf_write);
     counts c;
     count(p, &c);
-    w_arr(&w, 12);
+    size_t base = out->len;
+    w_arr(&w, 13);
     w_s(&w, MAGIC);
     w_u(&w, FORMAT);
     w_u(&w, p->seq);
@@ -174,6 +181,11 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out)
                      c.messages, c.alerts, c.idem};
     for (int i = 0; i < 9; i++)
         w_u(&w, n[i]);
+    /* The key split: a uint 64 of 0 in full (the packer writes through to
+     * `out` as it goes), filled in at key keys / 2. */
+    static const char U64[9] = {(char)0xcf};
+    size_t split_at = out->len;
+    w.rc |= buf_write(out, U64, sizeof U64);
     /* Orgs: [id, name, created, updated, version, lim minute, day, month,
      * [flow names], used day start, used day, used month start, used
      * month, history bin (u64 LE each)]. */
@@ -237,12 +249,19 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out)
             w_u(&w, s->version);
         }
     }
+    uint64_t nth = 0, half = c.keys >= SPLIT_KEYS ? c.keys / 2 : UINT64_MAX;
     for (uint32_t i = 0; i < p->orgs.len; i++) {
         const kl_org *o = p->orgs.items[i];
-        for (uint32_t j = 0; j < o->keys.len; j++)
-            write_key(&w, o->keys.items[j]);
-        for (uint32_t j = 0; j < o->deleted_keys.len; j++)
-            write_key(&w, o->deleted_keys.items[j]);
+        const kl_vec *lists[2] = {&o->keys, &o->deleted_keys};
+        for (int l = 0; l < 2; l++)
+            for (uint32_t j = 0; j < lists[l]->len; j++) {
+                if (nth++ == half && w.rc == 0) {
+                    uint64_t off = out->len - base;
+                    for (int b = 0; b < 8; b++)
+                        out->data[split_at + 1 + b] = (char)(off >> (56 - 8 * b));
+                }
+                write_key(&w, lists[l]->items[j]);
+            }
     }
     /* Computers: [id, org, name, owner type, owner, creator type, creator,
      * deleted, created, updated, restarted, version]. */
@@ -499,7 +518,26 @@ typedef struct loader {
     kl_proj *p;
     int rc;                     /* KL_ENOMEM wins over KL_ECORRUPT */
     const char *what;           /* what was being read, for the message */
+    /* Loading keys, maybe two loaders at once (each its own half): what
+     * they share is read only but for the flow lists, under flows_lock. */
+    pthread_mutex_t *flows_lock;
+    kl_text_chunk *texts;       /* this loader's key texts */
+    kl_org *org;                /* the last key's org and owner: keys come */
+    void *owner;                /* grouped by org, often by owner */
+    kl_principal owner_type;
+    const kl_flowset *flows;    /* the last key's flow list */
+    uint32_t flows_held;        /* keys holding it not yet counted */
+    struct key_group *groups;   /* the keys loaded, by org list */
+    size_t ngroups, cap_groups;
+    uint32_t indexed;           /* keys this loader put in the index */
 } loader;
+
+/* Keys in a row that go to one org list (live or deleted), in id order. */
+typedef struct key_group {
+    kl_vec *list;
+    kl_key *first;
+    uint32_t n;
+} key_group;
 
 static bool bad(loader *l) { return l->r.bad || l->rc != KL_OK; }
 
@@ -537,6 +575,8 @@ static bool put(loader *l, kl_idmap *m, void *entity)
 
 static kl_org *org_of(loader *l, const kl_id *id)
 {
+    if (l->org != NULL && memcmp(l->org->id.b, id->b, 16) == 0)
+        return l->org;
     kl_org *o = kl_idmap_get(&l->p->org_by_id, id);
     if (o == NULL)
         l->r.bad = true;
@@ -665,59 +705,135 @@ static void load_sa(loader *l)
 static void *owner_of(loader *l, const kl_org *o, const kl_ref *ref)
 {
     void *e = NULL;
-    if (ref->type == KL_PRINCIPAL_USER) {
-        kl_user *u = kl_idmap_get(&l->p->user_by_id, &ref->id);
-        e = u != NULL && u->org == o ? u : NULL;
-    } else if (ref->type == KL_PRINCIPAL_SA) {
-        kl_sa *s = kl_idmap_get(&l->p->sa_by_id, &ref->id);
-        e = s != NULL && s->org == o ? s : NULL;
-    }
-    if (e == NULL)
+    if (l->owner != NULL && l->owner_type == ref->type &&
+        memcmp(l->owner, ref->id.b, 16) == 0)
+        e = l->owner;           /* an entity begins with its id */
+    else if (ref->type == KL_PRINCIPAL_USER)
+        e = kl_idmap_get(&l->p->user_by_id, &ref->id);
+    else if (ref->type == KL_PRINCIPAL_SA)
+        e = kl_idmap_get(&l->p->sa_by_id, &ref->id);
+    const kl_org *in = e == NULL                       ? NULL
+                       : ref->type == KL_PRINCIPAL_USER ? ((const kl_user *)e)->org
+                                                        : ((const kl_sa *)e)->org;
+    if (in == NULL || in != o) {
         l->r.bad = true;
+        return NULL;
+    }
+    l->owner = e;
+    l->owner_type = ref->type;
     return e;
 }
 
-static void load_key(loader *l)
+/* The name and description, NUL after each, from the loader's chunks. */
+static void key_texts(loader *l, kl_key *k, kl_str name, kl_str desc)
 {
-    rd *r = &l->r;
-    r_arr(r, 26);
-    kl_key *k = kl_keys_new(&l->p->keys);
-    if (k == NULL) {
+    char *t = kl_keys_text(&l->texts, (size_t)name.len + desc.len + 2);
+    if (t == NULL) {
         l->rc = KL_ENOMEM;
         return;
     }
-    r_id(r, &k->id);
-    if (bad(l)) {
-        kl_keys_drop(&l->p->keys, k);
+    memcpy(t, name.ptr, name.len);
+    t[name.len] = '\0';
+    memcpy(t + name.len + 1, desc.ptr, desc.len);
+    t[name.len + 1 + desc.len] = '\0';
+    k->strings = t;
+    k->texts_in_chunk = true;
+}
+
+/* The shared list of these flows. Keys in a row often name the same: the
+ * loader keeps the last one and counts its new holders without the lock. */
+static const kl_flowset *flows_of(loader *l, const kl_str *flows, uint32_t n)
+{
+    if (n == 0)
+        return NULL;
+    if (l->flows != NULL && kl_flowset_is(l->flows, flows, n)) {
+        l->flows_held++;
+        return l->flows;
+    }
+    const kl_flowset *set = NULL;
+    pthread_mutex_lock(l->flows_lock);
+    if (l->flows != NULL)
+        kl_flowsets_hold(l->flows, l->flows_held);
+    if (kl_flowsets_get(&l->p->flowsets, flows, n, &set) != KL_OK)
+        l->rc = KL_ENOMEM;
+    pthread_mutex_unlock(l->flows_lock);
+    l->flows = set;
+    l->flows_held = 0;
+    return set;
+}
+
+/* A loaded key goes into the index at once (both loaders share it) and
+ * into its loader's last group if it follows that group's last key in the
+ * same org list, else into a new group: the groups go to the org lists
+ * once the loaders are done (join_groups). */
+static void place_key(loader *l, kl_key *k)
+{
+    int rc = kl_idmap_add_concurrent(&l->p->key_by_id, k);
+    if (rc != KL_OK) {
+        if (rc == KL_EEXIST)
+            l->r.bad = true;    /* one id for two keys */
+        else
+            l->rc = rc;
         return;
     }
+    l->indexed++;
+    kl_org *o = kl_key_org(k);
+    kl_vec *list = k->deleted ? &o->deleted_keys : &o->keys;
+    key_group *g = l->ngroups > 0 ? &l->groups[l->ngroups - 1] : NULL;
+    if (g != NULL && g->list == list && g->first + g->n == k) {
+        if (memcmp(k[-1].id.b, k->id.b, 16) >= 0)
+            l->r.bad = true;    /* a list out of order */
+        g->n++;
+        return;
+    }
+    if (l->ngroups == l->cap_groups) {
+        size_t cap = l->cap_groups ? 2 * l->cap_groups : 16;
+        key_group *more = realloc(l->groups, cap * sizeof *more);
+        if (more == NULL) {
+            l->rc = KL_ENOMEM;
+            return;
+        }
+        l->groups = more;
+        l->cap_groups = cap;
+    }
+    l->groups[l->ngroups++] = (key_group){list, k, 1};
+}
+
+/* Fills k (zeroed, in the snapshot's key block) from the next key. A key
+ * that fails stays in the block half filled, in no list or index: the
+ * whole state is then freed. */
+static void load_key(loader *l, kl_key *k)
+{
+    rd *r = &l->r;
+    r_arr(r, 26);
+    r_id(r, &k->id);
+    kl_idmap_prefetch(&l->p->key_by_id, &k->id);     /* place_key's miss */
     kl_id org;
     r_id(r, &org);
-    kl_org *o = org_of(l, &org);
     kl_ref owner;
     r_ref(r, &owner);
     r_ref(r, &k->created_by);
     if (bad(l))
         return;
+    kl_org *o = org_of(l, &org);
+    l->org = o;
     k->owner_type = (uint8_t)owner.type;
-    k->owner_ptr = owner_of(l, o, &owner);
-    kl_event ev = {.has = KL_F_NAME | KL_F_DESCRIPTION | KL_F_ACCESS};
-    ev.name = r_s(r, false, NULL);
-    ev.description = r_s(r, false, NULL);
+    k->owner_ptr = o != NULL ? owner_of(l, o, &owner) : NULL;
+    kl_str name = r_s(r, false, NULL);
+    kl_str desc = r_s(r, false, NULL);
     kl_str prefix = r_s(r, false, NULL);
-    k->env = (kl_env)r_u(r, KL_ENV_TEST);
-    ev.access = (kl_access)r_u(r, KL_ACCESS_FLOWS);
-    ev.nflows = r_arr_max(r, KL_MAX_FLOWS);
-    for (uint32_t i = 0; i < ev.nflows; i++)
-        ev.flows[i] = r_s(r, false, NULL);
-    if (bad(l) || k->env == KL_ENV_NONE || ev.access == KL_ACCESS_NONE) {
+    k->env = (uint8_t)r_u(r, KL_ENV_TEST);
+    k->access = (uint8_t)r_u(r, KL_ACCESS_FLOWS);
+    kl_str flows[KL_MAX_FLOWS];
+    uint32_t nflows = r_arr_max(r, KL_MAX_FLOWS);
+    for (uint32_t i = 0; i < nflows; i++)
+        flows[i] = r_s(r, false, NULL);
+    if (bad(l) || k->env == KL_ENV_NONE || k->access == KL_ACCESS_NONE) {
         r->bad = true;
         return;
     }
-    if (kl_p_key_settings(l->p, k, &ev) != KL_OK) {
-        l->rc = KL_ENOMEM;
-        return;
-    }
+    key_texts(l, k, name, desc);
+    k->flows = flows_of(l, flows, nflows);
     kl_p_prefix_set(k, prefix);
     k->rl_minute = (uint32_t)r_u(r, UINT32_MAX);
     k->rl_day = (uint32_t)r_u(r, UINT32_MAX);
@@ -785,26 +901,116 @@ static void load_key(loader *l)
             k->usage->items[i] = (kl_usage_bucket){(int64_t)h, f[0], f[1], f[2]};
         }
     }
-    if (!bad(l))
-        push_ordered(l, k->deleted ? &kl_key_org(k)->deleted_keys : &kl_key_org(k)->keys, k);
+    place_key(l, k);
 }
 
-/* The keys go into their index all at once, after the last is loaded
- * (kl_idmap_add_all: a million inserts into a map of 16 MB are cache
- * misses, and this way they overlap); every key is in its org's list. */
-static void index_keys(loader *l)
+/* A loader's cursor changes with every value it reads: two runs side by
+ * side must not share a cache line. */
+typedef struct key_run {
+    _Alignas(64) loader l;
+    kl_key *keys;
+    uint64_t n;
+} key_run;
+
+static void *load_run(void *arg)
 {
-    for (uint32_t i = 0; i < l->p->orgs.len && !bad(l); i++) {
-        kl_org *o = l->p->orgs.items[i];
-        const kl_vec *lists[2] = {&o->keys, &o->deleted_keys};
-        for (int j = 0; j < 2; j++) {
-            int rc = kl_idmap_add_all(&l->p->key_by_id, lists[j]->items, lists[j]->len);
-            if (rc == KL_EEXIST)
-                l->r.bad = true;    /* one id for two keys */
-            else if (rc != KL_OK)
-                l->rc = rc;
+    key_run *run = arg;
+    for (uint64_t i = 0; i < run->n && !bad(&run->l); i++)
+        load_key(&run->l, &run->keys[i]);
+    return NULL;
+}
+
+/* What a run leaves to the state: its texts and its flow list holders. */
+static void end_run(key_run *run)
+{
+    loader *l = &run->l;
+    kl_keys_adopt_texts(&l->p->keys, l->texts);
+    l->texts = NULL;
+    if (l->flows != NULL)
+        kl_flowsets_hold(l->flows, l->flows_held);
+    l->flows = NULL;
+}
+
+/* A run's groups onto the org lists, after what is there: each list stays
+ * in id order (checked where groups meet). */
+static void join_groups(loader *l, key_run *run)
+{
+    for (size_t i = 0; i < run->l.ngroups && !bad(l); i++) {
+        const key_group *g = &run->l.groups[i];
+        kl_vec *v = g->list;
+        if (v->len > 0 && memcmp(((const kl_id *)v->items[v->len - 1])->b,
+                                 g->first->id.b, 16) >= 0) {
+            l->r.bad = true;
+            break;
         }
+        void **items = (uint64_t)v->len + g->n <= UINT32_MAX
+                           ? realloc(v->items, ((size_t)v->len + g->n) * sizeof *items)
+                           : NULL;
+        if (items == NULL) {
+            l->rc = KL_ENOMEM;
+            break;
+        }
+        v->items = items;
+        for (uint32_t j = 0; j < g->n; j++)
+            v->items[v->len++] = g->first + j;
+        v->cap = v->len;
     }
+    free(run->l.groups);
+    run->l.groups = NULL;
+}
+
+/* The n keys, into one block; from `split` (a payload offset, 0: none) on
+ * by a second thread. The first half must end exactly where the second
+ * begins, and the loader goes on from where the second ends. */
+static void load_keys(loader *l, uint64_t n, uint64_t split, const uint8_t *data)
+{
+    if (n == 0)
+        return;
+    rd *r = &l->r;
+    if (n > (uint64_t)(r->end - r->p) / 16 ||
+        (split != 0 && (n < 2 || split <= (uint64_t)(r->p - data) ||
+                        split >= (uint64_t)(r->end - data)))) {
+        r->bad = true;          /* a key takes more than 16 bytes */
+        return;
+    }
+    kl_key *keys = kl_idmap_has_room(&l->p->key_by_id, (uint32_t)n)
+                       ? kl_keys_take(&l->p->keys, (uint32_t)n)
+                       : NULL;
+    if (keys == NULL) {
+        l->rc = KL_ENOMEM;
+        return;
+    }
+    pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    key_run a = {*l, keys, n}, b = a;
+    a.l.flows_lock = b.l.flows_lock = &lock;
+    if (split != 0) {
+        a.n = n / 2;
+        a.l.r.end = b.l.r.p = data + split;
+        b.keys = keys + a.n;
+        b.n = n - a.n;
+    }
+    pthread_t t;
+    bool apart = split != 0 && pthread_create(&t, NULL, load_run, &b) == 0;
+    load_run(&a);
+    if (apart)
+        pthread_join(t, NULL);
+    else if (split != 0)
+        load_run(&b);
+    kl_keys_settle(&l->p->keys);
+    end_run(&a);
+    if (split != 0) {
+        end_run(&b);
+        if (!bad(&a.l) && a.l.r.p != a.l.r.end)
+            a.l.r.bad = true;   /* the first half is not where the split is */
+    }
+    pthread_mutex_destroy(&lock);
+    const key_run *last = split != 0 && !bad(&a.l) ? &b : &a;
+    l->rc = a.l.rc != KL_OK ? a.l.rc : b.l.rc;
+    r->bad = last->l.r.bad || a.l.r.bad;
+    r->p = last->l.r.p;
+    kl_idmap_count_added(&l->p->key_by_id, a.l.indexed + b.l.indexed);
+    join_groups(l, &a);
+    join_groups(l, &b);
 }
 
 static void load_computer(loader *l)
@@ -958,12 +1164,24 @@ static void load_idem(loader *l)
     x->ts = r_i(r);
 }
 
+int kl_proj_snapshot_format(const uint8_t *data, size_t len)
+{
+    rd r = {data, data + len, false};
+    r_arr_max(&r, 64);
+    kl_str magic = r_s(&r, false, NULL);
+    uint64_t format = r_u(&r, INT32_MAX);
+    return !r.bad && magic.len == sizeof MAGIC - 1 &&
+                   memcmp(magic.ptr, MAGIC, magic.len) == 0 ? (int)format : 0;
+}
+
+int kl_proj_snapshot_format_current(void) { return FORMAT; }
+
 int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
 {
     *out = NULL;
     loader l = {.r = {data, data + len, false}, .rc = KL_OK, .what = "header"};
     rd *r = &l.r;
-    r_arr(r, 12);
+    r_arr(r, 13);
     kl_str magic = r_s(r, false, NULL);
     if (bad(&l) || magic.len != sizeof MAGIC - 1 || memcmp(magic.ptr, MAGIC, magic.len) != 0 ||
         r_u(r, UINT64_MAX) != FORMAT) {
@@ -973,6 +1191,7 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
     uint64_t seq = r_u(r, UINT64_MAX), n[9];
     for (int i = 0; i < 9; i++)
         n[i] = r_u(r, len);             /* every entity takes bytes */
+    uint64_t split = r_u(r, len);
     if (bad(&l) || kl_proj_new(&l.p) != KL_OK) {
         kl_err_set(err, "snapshot header: %s", bad(&l) ? "malformed" : "out of memory");
         return bad(&l) ? KL_ECORRUPT : KL_ENOMEM;
@@ -982,7 +1201,7 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
         const char *what;
     } KINDS[9] = {
         {load_org, "organizations"}, {load_user, "users"},
-        {load_sa, "service accounts"}, {load_key, "keys"},
+        {load_sa, "service accounts"}, {NULL, "keys"},
         {load_computer, "computers"}, {load_session, "sessions"},
         {load_message, "messages"}, {load_alert, "alerts"},
         {load_idem, "idempotency records"}};
@@ -994,17 +1213,12 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
     for (int k = 0; k < 9; k++)
         if (n[k] <= len / 16 && n[k] <= UINT32_MAX)
             kl_idmap_reserve(maps[k], (uint32_t)n[k]);  /* else: grown as loaded */
-    if (n[3] <= len / 16 && n[3] <= UINT32_MAX)
-        kl_keys_reserve(&l.p->keys, (uint32_t)n[3]);
     for (int k = 0; k < 9 && !bad(&l); k++) {
         l.what = KINDS[k].what;
-        for (uint64_t i = 0; i < n[k] && !bad(&l); i++)
+        if (KINDS[k].load == NULL)
+            load_keys(&l, n[k], split, data);
+        for (uint64_t i = 0; KINDS[k].load != NULL && i < n[k] && !bad(&l); i++)
             KINDS[k].load(&l);
-        if (KINDS[k].load == load_key) {
-            kl_keys_settle(&l.p->keys);
-            if (!bad(&l))
-                index_keys(&l);
-        }
     }
     if (!bad(&l) && r->p != r->end) {
         l.what = "the end";

@@ -32,6 +32,14 @@ static int check_snapshot(fold *f, uint64_t seq, const uint8_t *hash)
     kl_buf mine = {0};
     uint8_t file_hash[KL_HASH_LEN];
     int rc = kl_snapshot_read(f->dir, seq, &file, file_hash, &f->err);
+    int format = rc == KL_OK ? kl_proj_snapshot_format(file.data, file.len) : 0;
+    if (rc == KL_OK && format != kl_proj_snapshot_format_current()) {
+        /* Not a lie, but not something this build can check or start from. */
+        kl_err_set(&f->err, "snapshot-%020llu.kls is in snapshot format %d, not %d: "
+                   "take a new one with `keyledger snapshot` and remove it",
+                   (unsigned long long)seq, format, kl_proj_snapshot_format_current());
+        rc = KL_ECORRUPT;
+    }
     if (rc == KL_OK && kl_proj_snapshot(f->proj, &mine) != KL_OK)
         rc = KL_ENOMEM;
     if (rc == KL_OK && (memcmp(file_hash, hash, KL_HASH_LEN) != 0 ||

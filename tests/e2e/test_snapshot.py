@@ -195,5 +195,35 @@ def test_verify_checks_snapshots():
     check(snap["snapshot"] in res.stderr, "the message names the snapshot: " + res.stderr)
 
 
+
+def test_older_snapshot_format_is_named():
+    """A snapshot in a format this build does not write (an older one's):
+    the start replays the log instead, and `keyledger verify` says which
+    file and what to do, not that it was edited."""
+    env = h.Env()
+    h.create_key(env.client(), "k")
+    before = _views(env)
+    env.stop()
+    snap = _snapshot(env.data)
+    path = os.path.join(env.data, snap["snapshot"])
+    d = bytearray(open(path, "rb").read())
+    eq(d[72 + 1:72 + 17], b"\xafkeyledger-state", "the payload starts with its magic")
+    eq(d[72 + 17], 2, "format 2")
+    d[72 + 17] = 1
+    struct_put = lambda off, v: d.__setitem__(slice(off, off + 4), v.to_bytes(4, "little"))
+    struct_put(64, h.crc32c(bytes(d[72:])))
+    struct_put(68, h.crc32c(bytes(d[:68])))
+    with open(path, "wb") as f:
+        f.write(d)
+    env.start()
+    err = env.daemon.stderr_text()
+    check("replayed" in err and "format" in err, "started from the log: " + err)
+    eq(_views(env), before, "the same state")
+    env.stop()
+    res = h.run_tool("verify", "--data", env.data)
+    eq(res.rc, 1, "verify: " + res.describe())
+    check(snap["snapshot"] in res.stderr and "format 1" in res.stderr and
+          "keyledger snapshot" in res.stderr, "names the file and the fix: " + res.stderr)
+
 if __name__ == "__main__":
     h.main(globals())
