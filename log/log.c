@@ -578,9 +578,6 @@ static int lock_dir(kl_log *log, kl_err *err)
     return KL_OK;
 }
 
-/* Walks one segment's records, checking framing, CRC, sequence and groups.
- * Sets seg->size to the end of the last whole group and reports anything
- * after it in the last segment as torn. */
 /* Marks record `seq` at `off` if it is the next one due. Without memory
  * for one, marking stops: the replay walks from the mark before, slower,
  * not wrong. */
@@ -597,6 +594,9 @@ static void mark(segment *seg, uint64_t seq, uint64_t off)
     seg->marks[seg->nmarks++] = off;
 }
 
+/* Walks one segment's records, checking framing, CRC, sequence and groups.
+ * Sets seg->size to the end of the last whole group and reports anything
+ * after it in the last segment as torn. */
 static int segment_scan(kl_log *log, segment *seg, bool is_last,
                         uint64_t *expect_seq, uint8_t hash[KL_HASH_LEN],
                         kl_log_recovery *rec, kl_err *err)

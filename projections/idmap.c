@@ -180,4 +180,3 @@ void kl_idmap_count_added(kl_idmap *m, uint32_t n)
 {
     m->len += n;
 }
-

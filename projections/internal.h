@@ -71,11 +71,9 @@ void kl_keys_settle(kl_key_slab *s);
 void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
 /* n bytes for a key's texts from a list of chunks (one list per loading
  * thread, no lock); adopt hands a list to the slab, which frees it with
- * the keys (texts_in_chunk: a key's strings are there); free_texts frees a
- * list no slab took. */
+ * the keys (texts_in_chunk: a key's strings are there). */
 char *kl_keys_text(kl_text_chunk **chunks, size_t n);
 void kl_keys_adopt_texts(kl_key_slab *s, kl_text_chunk *chunks);
-void kl_keys_free_texts(kl_text_chunk *chunks);
 
 struct kl_proj {
     uint64_t seq;

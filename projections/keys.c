@@ -113,7 +113,7 @@ void kl_keys_adopt_texts(kl_key_slab *s, kl_text_chunk *chunks)
     }
 }
 
-void kl_keys_free_texts(kl_text_chunk *chunks)
+static void free_texts(kl_text_chunk *chunks)
 {
     for (kl_text_chunk *next; chunks != NULL; chunks = next) {
         next = chunks->next;
@@ -160,6 +160,6 @@ void kl_keys_free(kl_key_slab *s)
             release(&b->keys[i]);
         free(b);
     }
-    kl_keys_free_texts(s->texts);
+    free_texts(s->texts);
     memset(s, 0, sizeof *s);
 }

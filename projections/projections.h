@@ -358,10 +358,10 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out);
 /* A state from a snapshot's bytes. Nothing is trusted: KL_ECORRUPT (with
  * where, in err) for anything malformed or inconsistent, KL_ENOMEM. */
 int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err);
-/* The format a snapshot's bytes say they are in (0: none readable), and
- * the one this build writes and loads. */
+/* The format a snapshot's bytes say they are in (0: none readable);
+ * this build writes and loads KL_SNAPSHOT_FORMAT. */
+enum { KL_SNAPSHOT_FORMAT = 2 };
 int kl_proj_snapshot_format(const uint8_t *data, size_t len);
-int kl_proj_snapshot_format_current(void);
 /* The state of an open log: the newest snapshot in `dir` that is whole and
  * chains to the log (the record after it names its hash as prev), then the
  * records after it; the whole log when there is no such snapshot (a

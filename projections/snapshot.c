@@ -31,9 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Format 2 added the key split: with at least SPLIT_KEYS keys, the keys
- * load as two halves on two threads. */
-enum { FORMAT = 2, MAX_TEXT = 65536, SPLIT_KEYS = 20000 };
+/* KL_SNAPSHOT_FORMAT 2 added the key split: with at least SPLIT_KEYS keys,
+ * the keys load as two halves on two threads. */
+enum { FORMAT = KL_SNAPSHOT_FORMAT, MAX_TEXT = 65536, SPLIT_KEYS = 20000 };
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "an org's history is written in host order: little endian");
 static const char MAGIC[] = "keyledger-state";
@@ -522,8 +522,8 @@ typedef struct loader {
      * they share is read only but for the flow lists, under flows_lock. */
     pthread_mutex_t *flows_lock;
     kl_text_chunk *texts;       /* this loader's key texts */
-    kl_org *org;                /* the last key's org and owner: keys come */
-    void *owner;                /* grouped by org, often by owner */
+    kl_org *org;                /* the last org and owner looked up: keys */
+    void *owner;                /* come grouped by org, often by owner */
     kl_principal owner_type;
     const kl_flowset *flows;    /* the last key's flow list */
     uint32_t flows_held;        /* keys holding it not yet counted */
@@ -580,6 +580,8 @@ static kl_org *org_of(loader *l, const kl_id *id)
     kl_org *o = kl_idmap_get(&l->p->org_by_id, id);
     if (o == NULL)
         l->r.bad = true;
+    else
+        l->org = o;
     return o;
 }
 
@@ -816,7 +818,6 @@ static void load_key(loader *l, kl_key *k)
     if (bad(l))
         return;
     kl_org *o = org_of(l, &org);
-    l->org = o;
     k->owner_type = (uint8_t)owner.type;
     k->owner_ptr = o != NULL ? owner_of(l, o, &owner) : NULL;
     kl_str name = r_s(r, false, NULL);
@@ -1173,8 +1174,6 @@ int kl_proj_snapshot_format(const uint8_t *data, size_t len)
     return !r.bad && magic.len == sizeof MAGIC - 1 &&
                    memcmp(magic.ptr, MAGIC, magic.len) == 0 ? (int)format : 0;
 }
-
-int kl_proj_snapshot_format_current(void) { return FORMAT; }
 
 int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
 {

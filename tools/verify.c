@@ -33,11 +33,11 @@ static int check_snapshot(fold *f, uint64_t seq, const uint8_t *hash)
     uint8_t file_hash[KL_HASH_LEN];
     int rc = kl_snapshot_read(f->dir, seq, &file, file_hash, &f->err);
     int format = rc == KL_OK ? kl_proj_snapshot_format(file.data, file.len) : 0;
-    if (rc == KL_OK && format != kl_proj_snapshot_format_current()) {
+    if (rc == KL_OK && format != KL_SNAPSHOT_FORMAT) {
         /* Not a lie, but not something this build can check or start from. */
         kl_err_set(&f->err, "snapshot-%020llu.kls is in snapshot format %d, not %d: "
                    "take a new one with `keyledger snapshot` and remove it",
-                   (unsigned long long)seq, format, kl_proj_snapshot_format_current());
+                   (unsigned long long)seq, format, KL_SNAPSHOT_FORMAT);
         rc = KL_ECORRUPT;
     }
     if (rc == KL_OK && kl_proj_snapshot(f->proj, &mine) != KL_OK)
