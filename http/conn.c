@@ -102,20 +102,33 @@ static void buf_release(kl_http_buf *b)
 
 static void on_timer(uv_timer_t *t);
 
+/*
+ * Each state has one deadline, but the timer is not moved with every
+ * request (a stop and a start of libuv's timer heap per request was a
+ * twentieth of the verify path): a later deadline leaves the armed timer
+ * alone, and when it fires early it sleeps again for the rest. Only an
+ * earlier deadline, or no timer armed, starts it.
+ */
+static void timer_arm(kl_http_conn *c, uint64_t due)
+{
+    uint64_t now = uv_now(c->tcp.loop);
+    int rc = uv_timer_start(&c->timer, on_timer, due > now ? due - now : 0, 0);
+    if (rc < 0)
+        fprintf(stderr, "http: timer start failed: %s\n", uv_strerror(rc));
+    c->timer_due = due;
+}
+
 static void conn_timer_set(kl_http_conn *c, kl_http_timer_mode mode,
                            unsigned ms)
 {
-    int rc;
-
     c->timer_mode = mode;
     if (mode == KL_HTTP_TIMER_NONE || ms == 0) {
-        /* uv_timer_stop cannot fail on an open handle. */
-        (void)uv_timer_stop(&c->timer);
+        c->deadline = UINT64_MAX;   /* an armed timer fires and finds none */
         return;
     }
-    rc = uv_timer_start(&c->timer, on_timer, ms, 0);
-    if (rc < 0)
-        fprintf(stderr, "http: timer start failed: %s\n", uv_strerror(rc));
+    c->deadline = uv_now(c->tcp.loop) + ms;
+    if (!uv_is_active((uv_handle_t *)&c->timer) || c->timer_due > c->deadline)
+        timer_arm(c, c->deadline);
 }
 
 /* ---- closing ---------------------------------------------------------- */
@@ -780,6 +793,12 @@ static void on_timer(uv_timer_t *t)
 {
     kl_http_conn *c = t->data;
 
+    if (c->deadline == UINT64_MAX)
+        return;                 /* the state it was armed for is over */
+    if (uv_now(t->loop) < c->deadline) {
+        timer_arm(c, c->deadline);  /* armed for an earlier deadline */
+        return;
+    }
     switch (c->timer_mode) {
     case KL_HTTP_TIMER_REQUEST:
         c->timer_mode = KL_HTTP_TIMER_NONE;

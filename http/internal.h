@@ -69,7 +69,7 @@ typedef enum {
 
 struct kl_http_conn {
     uv_tcp_t tcp;                /* the socket; data = this */
-    uv_timer_t timer;            /* the one deadline for the current state; data = this */
+    uv_timer_t timer;            /* fires at or before `deadline`; data = this */
     uv_write_t write_req;        /* the rest of an answer uv_try_write left */
     uv_write_t continue_req;     /* the rest of an interim "100 Continue" */
     uv_shutdown_t shutdown_req;  /* FIN before a lingering close */
@@ -95,6 +95,8 @@ struct kl_http_conn {
     unsigned nrequests;          /* answers fully written */
     int open_handles;            /* tcp + timer until their close callbacks */
     kl_http_timer_mode timer_mode;
+    uint64_t deadline;           /* loop time (ms) the current state ends */
+    uint64_t timer_due;          /* loop time the armed timer fires */
 
     bool headers_done;           /* later header callbacks are trailers */
     bool keep_alive;             /* llhttp's verdict on the finished message */

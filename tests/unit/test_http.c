@@ -981,6 +981,46 @@ static void test_idle_timeout(void **state)
     free(h);
 }
 
+/* Requests 100 ms apart on one connection, each inside the 300 ms idle
+ * timeout: the idle deadline moves with each answer, so the connection
+ * outlives the first deadline, then closes 300 ms after the last answer. */
+static void client_idle_moves(harness *h)
+{
+    int fd = cl_connect(h->port);
+    long start = now_ms(), last = 0;
+
+    for (int i = 0; i < 6; i++) {
+        if (i > 0)
+            uv_sleep(100);
+        h->rx[0].len = 0;
+        cl_sends(fd, "GET /hello HTTP/1.1\r\n\r\n");
+        cl_read_responses(fd, &h->rx[0], 1);
+        if (responses_in(&h->rx[0]) == 1 && !h->rx[0].closed)
+            h->rx[2].ms++;      /* answered, still open */
+        last = now_ms();
+    }
+    h->rx[1].ms = last - start;
+    h->rx[0].len = 0;
+    cl_read_to_eof(fd, &h->rx[0]);
+    h->rx[0].ms = now_ms() - last;
+    close(fd);
+}
+
+static void test_idle_deadline_moves(void **state)
+{
+    harness *h = harness_new();
+
+    h->cfg.idle_timeout_ms = 300;
+    harness_run(h, client_idle_moves);
+    assert_int_equal(h->rx[2].ms, 6);
+    assert_true(h->rx[1].ms >= 450);     /* open past the first deadline */
+    assert_true(h->rx[0].closed);
+    assert_int_equal(h->rx[0].len, 0);
+    assert_true(h->rx[0].ms >= 250);     /* idle measured from the last answer */
+    assert_true(h->rx[0].ms < 1500);
+    free(h);
+}
+
 static void client_slowloris(harness *h)
 {
     int fd = cl_connect(h->port);
@@ -1380,6 +1420,7 @@ int main(void)
         cmocka_unit_test(test_413),
         cmocka_unit_test(test_400_404_405),
         cmocka_unit_test(test_idle_timeout),
+        cmocka_unit_test(test_idle_deadline_moves),
         cmocka_unit_test(test_request_timeout),
         cmocka_unit_test(test_max_requests_and_http10),
         cmocka_unit_test(test_max_connections),
