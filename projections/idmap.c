@@ -63,6 +63,8 @@ static int resize(kl_idmap *m, uint32_t cap)
     uint64_t *slots = calloc(cap, sizeof *slots);
     if (slots == NULL)
         return KL_ENOMEM;
+    if ((size_t)cap * sizeof *slots >= KL_PREFAULT_MIN)
+        kl_prefault(slots, (size_t)cap * sizeof *slots);
     for (uint32_t i = 0; i < m->cap; i++) {
         if (m->slots[i] == 0)
             continue;

@@ -67,6 +67,11 @@ typedef struct kl_key_slab {
 kl_key *kl_keys_new(kl_key_slab *s);
 void kl_keys_drop(kl_key_slab *s, kl_key *k);
 kl_key *kl_keys_take(kl_key_slab *s, uint32_t n);
+/* Faults in the pages wholly inside [p, p + n) for writing, in one call:
+ * on a VM a fault a page is most of what filling fresh memory costs. Worth
+ * it from KL_PREFAULT_MIN bytes (memory that big is mapped on its own). */
+enum { KL_PREFAULT_MIN = 2 << 20 };
+void kl_prefault(void *p, size_t n);
 void kl_keys_settle(kl_key_slab *s);
 void kl_keys_free(kl_key_slab *s);      /* every key and what it holds */
 /* n bytes for a key's texts from a list of chunks (one list per loading

@@ -40,12 +40,21 @@ kl_key *kl_keys_new(kl_key_slab *s)
     return &b->keys[b->used++];
 }
 
+void kl_prefault(void *p, size_t n)
+{
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t from = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t to = ((uintptr_t)p + n) & ~(page - 1);
+    /* Faults the pages in without changing a byte. Where the kernel cannot
+     * (before Linux 5.14), the first writes fault them. */
+    if (to > from)
+        (void)madvise((void *)from, to - from, MADV_POPULATE_WRITE);
+}
+
 static void *populate(void *arg)
 {
     const kl_key_slab *s = arg;
-    /* Faults the pages in without changing a byte: safe beside the loader.
-     * Where the kernel cannot (before Linux 5.14), the loader faults them. */
-    (void)madvise(s->fill_addr, s->fill_len, MADV_POPULATE_WRITE);
+    kl_prefault(s->fill_addr, s->fill_len);    /* safe beside the loader */
     return NULL;
 }
 
@@ -61,16 +70,10 @@ kl_key *kl_keys_take(kl_key_slab *s, uint32_t n)
     s->head = b;
     if (n <= MAX_BLOCK)
         return b->keys;
-    /* The pages wholly inside the block (a block this big is mapped on its
-     * own, so they are fresh). */
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t from = ((uintptr_t)b->keys + page - 1) & ~(page - 1);
-    uintptr_t to = ((uintptr_t)(b->keys + b->cap)) & ~(page - 1);
-    if (to > from) {
-        s->fill_addr = (void *)from;
-        s->fill_len = to - from;
-        s->filling = pthread_create(&s->filler, NULL, populate, s) == 0;
-    }
+    /* A block this big is mapped on its own, so its pages are fresh. */
+    s->fill_addr = b->keys;
+    s->fill_len = (size_t)n * sizeof(kl_key);
+    s->filling = pthread_create(&s->filler, NULL, populate, s) == 0;
     return b->keys;
 }
 
@@ -94,6 +97,8 @@ char *kl_keys_text(kl_text_chunk **chunks, size_t n)
         cap = n > cap ? n : cap;
         if ((c = malloc(sizeof *c + cap)) == NULL)
             return NULL;
+        if (cap >= KL_PREFAULT_MIN)
+            kl_prefault(c->data, cap);  /* one call, not a fault a page */
         c->used = 0;
         c->cap = cap;
         c->next = *chunks;
