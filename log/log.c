@@ -78,6 +78,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -594,40 +595,44 @@ static void mark(segment *seg, uint64_t seq, uint64_t off)
     seg->marks[seg->nmarks++] = off;
 }
 
+/* What scanning one segment found. The scans of a log's segments run side
+ * by side (scan_all); what ties each to the one before is checked after,
+ * in order. */
+typedef struct scan {
+    const kl_log *log;
+    segment *seg;
+    bool is_last;
+    bool header_ok;             /* rc is about the records, not the header */
+    int rc;
+    kl_err err;
+    uint8_t carried[KL_HASH_LEN];   /* the header's: the chain before it */
+    uint8_t hash[KL_HASH_LEN];      /* its last record's (carried if none) */
+    uint64_t records;           /* records in whole groups */
+    uint64_t torn_bytes, torn_offset;
+} scan;
+
 /* Walks one segment's records, checking framing, CRC, sequence and groups.
- * Sets seg->size to the end of the last whole group and reports anything
- * after it in the last segment as torn. */
-static int segment_scan(kl_log *log, segment *seg, bool is_last,
-                        uint64_t *expect_seq, uint8_t hash[KL_HASH_LEN],
-                        kl_log_recovery *rec, kl_err *err)
+ * Sets seg->size to the end of the last whole group; anything after it is
+ * torn in the last segment, damage in any other. */
+static void segment_scan(scan *sc)
 {
+    segment *seg = sc->seg;
     mapped m;
     char name[32];
     kl_segment_name(seg->first_seq, name);
-    int rc = segment_map(log, seg->first_seq, &m, err);
-    if (rc != KL_OK)
-        return rc;
-    uint8_t carried[KL_HASH_LEN];
-    rc = header_check(&m, seg->first_seq, name, carried, err);
-    if (rc != KL_OK)
+    sc->rc = segment_map(sc->log, seg->first_seq, &m, &sc->err);
+    if (sc->rc != KL_OK)
+        return;
+    sc->rc = header_check(&m, seg->first_seq, name, sc->carried, &sc->err);
+    if (sc->rc != KL_OK)
         goto cleanup;
-    if (seg->first_seq != *expect_seq) {
-        err_where(err, name, 0, "expected first seq %" PRIu64
-                   " (a segment is missing?)", *expect_seq);
-        rc = KL_ECORRUPT;
-        goto cleanup;
-    }
-    if (memcmp(carried, hash, KL_HASH_LEN) != 0) {
-        err_where(err, name, 24, "carried chain hash does not "
-                   "match the previous segment's last record");
-        rc = KL_ECORRUPT;
-        goto cleanup;
-    }
+    sc->header_ok = true;
+    memcpy(sc->hash, sc->carried, KL_HASH_LEN);
     /* `done` is the end of the last finished group: everything before it
      * is whole commands; `last` the last record before it (for the hash). */
     size_t off = HEADER_SIZE, done = HEADER_SIZE, last_off = 0;
     uint32_t last_len = 0;
-    uint64_t done_seq = *expect_seq, done_records = rec->records;
+    uint64_t expect = seg->first_seq;
     size_t end = m.size;        /* where the records end: the file's end
                                    or the start of its room */
     while (off < end) {
@@ -638,62 +643,128 @@ static int segment_scan(kl_log *log, segment *seg, bool is_last,
             break;
         }
         rec_status st = record_check(&m, off, true, &len, &seq);
-        if (st == REC_OK && seq != *expect_seq) {
-            err_where(err, name, off, "seq %" PRIu64 " where %"
-                       PRIu64 " was expected", seq, *expect_seq);
-            rc = KL_ECORRUPT;
+        if (st == REC_OK && seq != expect) {
+            err_where(&sc->err, name, off, "seq %" PRIu64 " where %"
+                       PRIu64 " was expected", seq, expect);
+            sc->rc = KL_ECORRUPT;
             goto cleanup;
         }
         if (st != REC_OK) {
-            if (!is_last || valid_record_after(&m, off)) {
-                err_where(err, name, off, "%s record",
+            if (!sc->is_last || valid_record_after(&m, off)) {
+                err_where(&sc->err, name, off, "%s record",
                            st == REC_TORN ? "truncated" : "corrupt");
-                rc = KL_ECORRUPT;
+                sc->rc = KL_ECORRUPT;
                 goto cleanup;
             }
             break;
         }
         if (off == HEADER_SIZE &&
-            memcmp(m.data + off + 8 + 12, carried, KL_HASH_LEN) != 0) {
-            err_where(err, name, off, "first record's prev does "
+            memcmp(m.data + off + 8 + 12, sc->carried, KL_HASH_LEN) != 0) {
+            err_where(&sc->err, name, off, "first record's prev does "
                        "not match the segment header");
-            rc = KL_ECORRUPT;
+            sc->rc = KL_ECORRUPT;
             goto cleanup;
         }
         mark(seg, seq, off);
         bool more = record_more(&m, off);
         off += 8 + (size_t)len;
-        (*expect_seq)++;
-        rec->records++;
+        expect++;
         if (!more) {
             last_off = off - 8 - len;
             last_len = len;
             done = off;
-            done_seq = *expect_seq;
-            done_records = rec->records;
+            sc->records = expect - seg->first_seq;
         }
     }
-    if (!is_last && done != off) {
-        err_where(err, name, done, "the segment ends inside a command's "
+    if (!sc->is_last && done != off) {
+        err_where(&sc->err, name, done, "the segment ends inside a command's "
                    "group of records");
-        rc = KL_ECORRUPT;
+        sc->rc = KL_ECORRUPT;
         goto cleanup;
     }
     if (done != end) {          /* a torn record or an unfinished group */
-        rec->torn_bytes = end - done;
-        rec->torn_offset = done;
-        memcpy(rec->torn_segment, name, sizeof name);
-        *expect_seq = done_seq;
-        rec->records = done_records;
+        sc->torn_bytes = end - done;
+        sc->torn_offset = done;
     }
     seg->size = done;
     while (seg->nmarks > 0 && seg->marks[seg->nmarks - 1] >= done)
         seg->nmarks--;          /* records that were cut */
     if (last_len != 0)
-        kl_sha256(m.data + last_off + 8, last_len, hash);
-    rc = KL_OK;
+        kl_sha256(m.data + last_off + 8, last_len, sc->hash);
 cleanup:
     segment_unmap(&m);
+}
+
+/* Scanners take the segments in turn from a shared counter. */
+typedef struct scan_pool {
+    scan *scans;
+    size_t n;
+    size_t next;                /* atomic */
+} scan_pool;
+
+static void *scan_worker(void *arg)
+{
+    scan_pool *pool = arg;
+    for (size_t i; (i = __atomic_fetch_add(&pool->next, 1, __ATOMIC_RELAXED)) < pool->n;)
+        segment_scan(&pool->scans[i]);
+    return NULL;
+}
+
+/* Scans every segment, two at a time when there are several (checking a
+ * million records' CRCs is most of an open), then checks in order what
+ * ties each to the one before. The first problem in log order is the one
+ * reported, as a scan of one segment after the other would. Sets the head
+ * seq; `hash` goes in as the chain the log goes on from and comes out as
+ * its head. */
+static int scan_all(kl_log *log, uint64_t first, uint8_t hash[KL_HASH_LEN],
+                    kl_log_recovery *rec, kl_err *err)
+{
+    scan *scans = calloc(log->nsegs > 0 ? log->nsegs : 1, sizeof *scans);
+    if (scans == NULL)
+        return KL_ENOMEM;
+    for (size_t i = 0; i < log->nsegs; i++)
+        scans[i] = (scan){.log = log, .seg = &log->segs[i],
+                          .is_last = i + 1 == log->nsegs};
+    scan_pool pool = {scans, log->nsegs, 0};
+    pthread_t t;
+    bool helper = log->nsegs > 1 && pthread_create(&t, NULL, scan_worker, &pool) == 0;
+    scan_worker(&pool);
+    if (helper)
+        pthread_join(t, NULL);
+
+    int rc = KL_OK;
+    uint64_t expect = first;
+    for (size_t i = 0; i < log->nsegs && rc == KL_OK; i++) {
+        const scan *sc = &scans[i];
+        char name[32];
+        kl_segment_name(sc->seg->first_seq, name);
+        if (!sc->header_ok) {
+            rc = sc->rc;
+            *err = sc->err;
+        } else if (sc->seg->first_seq != expect) {
+            err_where(err, name, 0, "expected first seq %" PRIu64
+                       " (a segment is missing?)", expect);
+            rc = KL_ECORRUPT;
+        } else if (memcmp(sc->carried, hash, KL_HASH_LEN) != 0) {
+            err_where(err, name, 24, "carried chain hash does not "
+                       "match the previous segment's last record");
+            rc = KL_ECORRUPT;
+        } else if (sc->rc != KL_OK) {
+            rc = sc->rc;
+            *err = sc->err;
+        } else {
+            expect += sc->records;
+            rec->records += sc->records;
+            memcpy(hash, sc->hash, KL_HASH_LEN);
+            if (sc->torn_bytes != 0) {
+                rec->torn_bytes = sc->torn_bytes;
+                rec->torn_offset = sc->torn_offset;
+                memcpy(rec->torn_segment, name, sizeof name);
+            }
+        }
+    }
+    free(scans);
+    log->head_seq = expect - 1;
     return rc;
 }
 
@@ -747,7 +818,6 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
     if ((rc = list_segments(log, first, last, err)) != KL_OK)
         goto cleanup;
 
-    uint64_t expect = first;
     memset(log->head_hash, 0, KL_HASH_LEN);
     if (first != 1) {
         /* A compacted log starts later: the carried hash is the chain head
@@ -763,13 +833,8 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
             goto cleanup;
     }
     memcpy(log->first_prev, log->head_hash, KL_HASH_LEN);
-    for (size_t i = 0; i < log->nsegs; i++) {
-        rc = segment_scan(log, &log->segs[i], i + 1 == log->nsegs, &expect,
-                          log->head_hash, rec, err);
-        if (rc != KL_OK)
-            goto cleanup;
-    }
-    log->head_seq = expect - 1;
+    if ((rc = scan_all(log, first, log->head_hash, rec, err)) != KL_OK)
+        goto cleanup;
 
     segment *tail = &log->segs[log->nsegs - 1];
     char name[32];

@@ -1216,6 +1216,42 @@ static void test_damage_in_earlier_segment(void **state)
     verify_ok(f, 200);
 }
 
+/* Segments are scanned two at a time: with damage in two of them, the open
+ * names the first in log order, whichever scan finished first. */
+static void test_first_damage_named(void **state)
+{
+    fx *f = *state;
+    uint64_t firsts[64];
+    size_t nseg = make_segmented(f, 200, firsts, 64);
+    assert_true(nseg >= 4);
+    seg_info *si[2];
+    char path[2][600];
+    size_t at[2] = {1, nseg - 2};
+    for (int k = 1; k >= 0; k--) {      /* the later one first */
+        char name[32];
+        si[k] = malloc(sizeof *si[k]);
+        assert_non_null(si[k]);
+        seg_name(firsts[at[k]], name);
+        path_of(f, name, path[k]);
+        seg_read(f, firsts[at[k]], si[k]);
+        rec_pos r = si[k]->recs[si[k]->nrec / 2];
+        si[k]->bytes[r.off + 8 + PREFIX] ^= 0x5a;
+        write_all_file(path[k], si[k]->bytes, si[k]->size);
+        if (k == 0) {
+            for (int round = 0; round < 20; round++)
+                expect_open_corrupt(f, name, r.off);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        rec_pos r = si[k]->recs[si[k]->nrec / 2];
+        si[k]->bytes[r.off + 8 + PREFIX] ^= 0x5a;
+        write_all_file(path[k], si[k]->bytes, si[k]->size);
+        seg_free(si[k]);
+        free(si[k]);
+    }
+    verify_ok(f, 200);
+}
+
 static void test_missing_segment(void **state)
 {
     fx *f = *state;
@@ -2554,6 +2590,7 @@ int main(void)
         T(test_garbage_after_last_record),
         T(test_damage_in_last_segment),
         T(test_damage_in_earlier_segment),
+        T(test_first_damage_named),
         T(test_missing_segment),
         T(test_lock_and_create),
         T(test_verify_detects_chain_tamper),
