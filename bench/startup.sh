@@ -10,7 +10,10 @@
 #  3. Snapshot: keyledgerd starting from a snapshot of the same N-event log
 #     plus a short tail (TAIL UsageRecorded events: one verification of each
 #     of TAIL keys spread over the org, flushed at the stop) against a full
-#     replay of that log. Goal: >= 10x faster.
+#     replay of that log, as the daemon times the state's rebuild. Goal:
+#     >= 10x faster. Also from exec to ready: both starts first open the
+#     log, which checks every record of every segment.
+# PARTS (default "replay memory snapshot") picks the parts to run.
 . "$(dirname "$0")/lib.sh"
 N=${N:-1000000}
 MEM_N=${MEM_N:-100000}
@@ -76,54 +79,63 @@ redis_load() {  # redis_load DIR -> "load_ms rss_kb"
   wait "$pid" 2>/dev/null || true
 }
 
-echo "generating $N events and an AOF of $N commands..."
-"$KL_BUILD/kl_genlog" "$BENCH_TMP/big" "$N"
-make_aof "$BENCH_TMP/big.aof" "$N"
+part() { case " ${PARTS:-replay memory snapshot} " in *" $1 "*) return 0;; esac; return 1; }
 
-klr=(); rdr=()
-for r in $(seq 1 "$ROUNDS"); do
-  read -r kms ktotal _ <<<"$(kl_start "$BENCH_TMP/big")"
-  # Redis 7 moves a legacy AOF into appendonlydir as it loads it: start
-  # every round from a fresh copy.
-  rm -rf "$BENCH_TMP/redis-big"; mkdir -p "$BENCH_TMP/redis-big"
-  cp "$BENCH_TMP/big.aof" "$BENCH_TMP/redis-big/appendonly.aof"
-  read -r rms _ <<<"$(redis_load "$BENCH_TMP/redis-big")"
-  klr+=("$(python3 -c "print($N/($kms/1000))")")
-  rdr+=("$(python3 -c "print($N/($rms/1000) if $rms else 0)")")
-  echo "round $r: keyledger replay ${kms} ms (start to ready ${ktotal} ms), redis AOF load ${rms} ms"
-done
-k=$(median "${klr[@]}"); r=$(median "${rdr[@]}")
-printf "startup replay of %d events: keyledger %.0f events/s, redis %.0f commands/s, ratio %s (goal >= 2.0)\n" \
-  "$N" "$k" "$r" "$(ratio "$k" "$r")"
+if part replay; then
+  echo "generating $N events and an AOF of $N commands..."
+  "$KL_BUILD/kl_genlog" "$BENCH_TMP/big" "$N"
+  make_aof "$BENCH_TMP/big.aof" "$N"
 
-"$KL_BUILD/kl_genlog" "$BENCH_TMP/empty" 0
-"$KL_BUILD/kl_genlog" "$BENCH_TMP/mem" "$MEM_N"
-mkdir -p "$BENCH_TMP/redis-empty" "$BENCH_TMP/redis-mem"
-make_aof "$BENCH_TMP/redis-empty/appendonly.aof" 0
-make_aof "$BENCH_TMP/redis-mem/appendonly.aof" "$MEM_N"
-# Huge pages make the resident size of one start vary by up to a couple of
-# 2 MB pages: the median of ROUNDS starts of each.
-klm=(); rdm=()
-for r in $(seq 1 "$ROUNDS"); do
-  read -r _ _ kl0 <<<"$(kl_start "$BENCH_TMP/empty")"
-  read -r _ _ kl1 <<<"$(kl_start "$BENCH_TMP/mem")"
-  read -r _ rd0 <<<"$(redis_load "$BENCH_TMP/redis-empty")"
-  read -r _ rd1 <<<"$(redis_load "$BENCH_TMP/redis-mem")"
-  klm+=($(( kl1 - kl0 ))); rdm+=($(( rd1 - rd0 )))
-  echo "round $r: keyledger $(( (kl1 - kl0) * 1024 / MEM_N )) B/key, redis $(( (rd1 - rd0) * 1024 / MEM_N )) B/key"
-done
-kb=$(median "${klm[@]}"); rb=$(median "${rdm[@]}")
-kb=${kb%.*}; rb=${rb%.*}
-printf "memory for %d keys: keyledger %d KiB (%d B/key), redis %d KiB (%d B/key), ratio %s (goal <= 1.0)\n" \
-  "$MEM_N" "$kb" $(( kb * 1024 / MEM_N )) "$rb" $(( rb * 1024 / MEM_N )) "$(ratio "$kb" "$rb")"
+  klr=(); rdr=()
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r kms ktotal _ <<<"$(kl_start "$BENCH_TMP/big")"
+    # Redis 7 moves a legacy AOF into appendonlydir as it loads it: start
+    # every round from a fresh copy.
+    rm -rf "$BENCH_TMP/redis-big"; mkdir -p "$BENCH_TMP/redis-big"
+    cp "$BENCH_TMP/big.aof" "$BENCH_TMP/redis-big/appendonly.aof"
+    read -r rms _ <<<"$(redis_load "$BENCH_TMP/redis-big")"
+    klr+=("$(python3 -c "print($N/($kms/1000))")")
+    rdr+=("$(python3 -c "print($N/($rms/1000) if $rms else 0)")")
+    echo "round $r: keyledger replay ${kms} ms (start to ready ${ktotal} ms), redis AOF load ${rms} ms"
+  done
+  k=$(median "${klr[@]}"); r=$(median "${rdr[@]}")
+  printf "startup replay of %d events: keyledger %.0f events/s, redis %.0f commands/s, ratio %s (goal >= 2.0)\n" \
+    "$N" "$k" "$r" "$(ratio "$k" "$r")"
+
+fi
+
+if part memory; then
+  "$KL_BUILD/kl_genlog" "$BENCH_TMP/empty" 0
+  "$KL_BUILD/kl_genlog" "$BENCH_TMP/mem" "$MEM_N"
+  mkdir -p "$BENCH_TMP/redis-empty" "$BENCH_TMP/redis-mem"
+  make_aof "$BENCH_TMP/redis-empty/appendonly.aof" 0
+  make_aof "$BENCH_TMP/redis-mem/appendonly.aof" "$MEM_N"
+  # Huge pages make the resident size of one start vary by up to a couple of
+  # 2 MB pages: the median of ROUNDS starts of each.
+  klm=(); rdm=()
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r _ _ kl0 <<<"$(kl_start "$BENCH_TMP/empty")"
+    read -r _ _ kl1 <<<"$(kl_start "$BENCH_TMP/mem")"
+    read -r _ rd0 <<<"$(redis_load "$BENCH_TMP/redis-empty")"
+    read -r _ rd1 <<<"$(redis_load "$BENCH_TMP/redis-mem")"
+    klm+=($(( kl1 - kl0 ))); rdm+=($(( rd1 - rd0 )))
+    echo "round $r: keyledger $(( (kl1 - kl0) * 1024 / MEM_N )) B/key, redis $(( (rd1 - rd0) * 1024 / MEM_N )) B/key"
+  done
+  kb=$(median "${klm[@]}"); rb=$(median "${rdm[@]}")
+  kb=${kb%.*}; rb=${rb%.*}
+  printf "memory for %d keys: keyledger %d KiB (%d B/key), redis %d KiB (%d B/key), ratio %s (goal <= 1.0)\n" \
+    "$MEM_N" "$kb" $(( kb * 1024 / MEM_N )) "$rb" $(( rb * 1024 / MEM_N )) "$(ratio "$kb" "$rb")"
+
+fi
 
 # 3. A snapshot and a short tail against the full replay of the same log.
-"$KL_BUILD/kl_genlog" --print-secret "$BENCH_TMP/tail.keys" --spread "$TAIL" \
-  "$BENCH_TMP/snap" "$N" >/dev/null
-"$KL_BUILD/keyledger" snapshot --data "$BENCH_TMP/snap" >/dev/null
-port=$(free_port)
-start_keyledgerd "$BENCH_TMP/snap" "$port"
-python3 - "$port" "$BENCH_TMP/tail.keys" <<'PY'
+if part snapshot; then
+  "$KL_BUILD/kl_genlog" --print-secret "$BENCH_TMP/tail.keys" --spread "$TAIL" \
+    "$BENCH_TMP/snap" "$N" >/dev/null
+  "$KL_BUILD/keyledger" snapshot --data "$BENCH_TMP/snap" >/dev/null
+  port=$(free_port)
+  start_keyledgerd "$BENCH_TMP/snap" "$port"
+  python3 - "$port" "$BENCH_TMP/tail.keys" <<'PY'
 import http.client, json, sys
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
 for secret in open(sys.argv[2]).read().split():
@@ -131,28 +143,38 @@ for secret in open(sys.argv[2]).read().split():
                  {"Content-Type": "application/json"})
     conn.getresponse().read()
 PY
-kill "$KL_PID"; wait "$KL_PID" 2>/dev/null || true
-
-start_ms() {    # start_ms DATA -> the daemon's own "... in X ms; ready"
-  local port ms
-  port=$(free_port)
-  warm "$1"
-  start_keyledgerd "$1" "$port"
-  ms=$(sed -n 's/.* in \([0-9.]*\) ms; ready.*/\1/p' "$BENCH_TMP/keyledgerd.$port.log")
   kill "$KL_PID"; wait "$KL_PID" 2>/dev/null || true
-  echo "$ms"
-}
-snap=$(ls "$BENCH_TMP/snap"/snapshot-*.kls)
-sn=(); fu=()
-for r in $(seq 1 "$ROUNDS"); do
-  # A clean stop may flush usage or raise alerts: the tail only grows.
-  s_ms=$(start_ms "$BENCH_TMP/snap")
-  mv "$snap" "$BENCH_TMP/aside.kls"
-  f_ms=$(start_ms "$BENCH_TMP/snap")
-  mv "$BENCH_TMP/aside.kls" "$snap"
-  sn+=("$s_ms"); fu+=("$f_ms")
-  echo "round $r: from the snapshot ${s_ms} ms, full replay ${f_ms} ms"
-done
-s=$(median "${sn[@]}"); f=$(median "${fu[@]}")
-printf "start with a snapshot of %d events and a tail of %d: %.0f ms, full replay %.0f ms, %sx faster (goal >= 10)\n" \
-  "$N" "$TAIL" "$s" "$f" "$(ratio "$f" "$s")"
+
+  # start_ms DATA -> "LOAD TOTAL": the daemon's own "... in LOAD ms; ready"
+  # (the state: snapshot and tail, or the whole replay), and the whole start
+  # from exec to that line (with opening the log, which checks every
+  # segment's records first), from the line's own time stamp.
+  start_ms() {
+    local port ms t0 ready
+    port=$(free_port)
+    warm "$1"
+    t0=$(date +%s%3N)
+    start_keyledgerd "$1" "$port"
+    ms=$(sed -n 's/.* in \([0-9.]*\) ms; ready.*/\1/p' "$BENCH_TMP/keyledgerd.$port.log")
+    ready=$(sed -n 's/^\([^ ]*\) .* ms; ready.*/\1/p' "$BENCH_TMP/keyledgerd.$port.log")
+    kill "$KL_PID"; wait "$KL_PID" 2>/dev/null || true
+    echo "$ms $(( $(date -d "$ready" +%s%3N) - t0 ))"
+  }
+  snap=$(ls "$BENCH_TMP/snap"/snapshot-*.kls)
+  sn=(); fu=(); snt=(); fut=()
+  for r in $(seq 1 "$ROUNDS"); do
+    # A clean stop may flush usage or raise alerts: the tail only grows.
+    read -r s_ms s_tot <<<"$(start_ms "$BENCH_TMP/snap")"
+    mv "$snap" "$BENCH_TMP/aside.kls"
+    read -r f_ms f_tot <<<"$(start_ms "$BENCH_TMP/snap")"
+    mv "$BENCH_TMP/aside.kls" "$snap"
+    sn+=("$s_ms"); fu+=("$f_ms"); snt+=("$s_tot"); fut+=("$f_tot")
+    echo "round $r: from the snapshot ${s_ms} ms (exec to ready ${s_tot} ms), full replay ${f_ms} ms (${f_tot} ms)"
+  done
+  s=$(median "${sn[@]}"); f=$(median "${fu[@]}")
+  st=$(median "${snt[@]}"); ft=$(median "${fut[@]}")
+  printf "start with a snapshot of %d events and a tail of %d: %.0f ms, full replay %.0f ms, %sx faster (goal >= 10)\n" \
+    "$N" "$TAIL" "$s" "$f" "$(ratio "$f" "$s")"
+  printf "  exec to ready, opening the log included: %.0f ms against %.0f ms, %sx faster\n" \
+    "$st" "$ft" "$(ratio "$ft" "$st")"
+fi
