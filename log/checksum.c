@@ -69,58 +69,76 @@ static uint64_t crc32c_hw1(uint64_t c, const uint8_t *p, size_t n)
 
 /*
  * A crc32 instruction waits for the one before it, so one stream runs at a
- * third of what the unit can do. Big buffers (a snapshot is hundreds of
- * MiB) go as three streams over consecutive LANE-byte lanes, joined by
- * moving each partial CRC past the lane after it: the CRC register is
- * linear, so that move is a multiplication by x^(8 LANE), done by byte
- * with tables made from the CRCs of LANE zero bytes.
+ * third of what the unit can do. Buffers go as three streams over
+ * consecutive lanes, joined by moving each partial CRC past the lane after
+ * it: the CRC register is linear, so that move is a multiplication by
+ * x^(8 lane), done by byte with tables made from the CRCs of a lane of
+ * zero bytes. Big lanes for big buffers (a snapshot is hundreds of MiB),
+ * small ones for records (a few hundred bytes each, a million of them in
+ * a log's open): a join costs eight table reads.
  */
-enum { LANE = 8192 };
-static uint32_t lane_shift[4][256];
+enum { LANE = 8192, SMALL_LANE = 64 };
+typedef uint32_t shift_table[4][256];
+static shift_table lane_shift, small_lane_shift;
 static pthread_once_t lane_once = PTHREAD_ONCE_INIT;
 
-static void lane_shift_init(void)
+static void shift_init(shift_table t, size_t lane)
 {
     static const uint8_t zeros[LANE];
     uint32_t bit[32];
     for (int i = 0; i < 32; i++)
-        bit[i] = (uint32_t)crc32c_hw1(UINT32_C(1) << i, zeros, LANE);
+        bit[i] = (uint32_t)crc32c_hw1(UINT32_C(1) << i, zeros, lane);
     for (int k = 0; k < 4; k++)
         for (int b = 0; b < 256; b++) {
-            uint32_t t = 0;
+            uint32_t v = 0;
             for (int j = 0; j < 8; j++)
                 if ((b >> j) & 1)
-                    t ^= bit[8 * k + j];
-            lane_shift[k][b] = t;
+                    v ^= bit[8 * k + j];
+            t[k][b] = v;
         }
 }
 
-static uint32_t past_lane(uint32_t c)
+static void lane_shift_init(void)
 {
-    return lane_shift[0][c & 0xff] ^ lane_shift[1][(c >> 8) & 0xff] ^
-           lane_shift[2][(c >> 16) & 0xff] ^ lane_shift[3][c >> 24];
+    shift_init(lane_shift, LANE);
+    shift_init(small_lane_shift, SMALL_LANE);
+}
+
+static uint32_t past_lane(const shift_table t, uint32_t c)
+{
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^
+           t[3][c >> 24];
+}
+
+/* The CRC after the 3 * lane bytes at p. */
+__attribute__((target("sse4.2")))
+static uint64_t three_lanes(uint64_t c0, const uint8_t *p, size_t lane,
+                            const shift_table t)
+{
+    uint64_t c1 = 0, c2 = 0;
+    for (size_t i = 0; i < lane; i += 8) {
+        uint64_t a, b, c;
+        __builtin_memcpy(&a, p + i, 8);
+        __builtin_memcpy(&b, p + lane + i, 8);
+        __builtin_memcpy(&c, p + 2 * lane + i, 8);
+        c0 = _mm_crc32_u64(c0, a);
+        c1 = _mm_crc32_u64(c1, b);
+        c2 = _mm_crc32_u64(c2, c);
+    }
+    c0 = past_lane(t, (uint32_t)c0) ^ (uint32_t)c1;
+    return past_lane(t, (uint32_t)c0) ^ (uint32_t)c2;
 }
 
 __attribute__((target("sse4.2")))
 static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n)
 {
     uint64_t c0 = crc;
-    if (n >= 3 * LANE)
+    if (n >= 3 * SMALL_LANE)
         pthread_once(&lane_once, lane_shift_init);
-    for (; n >= 3 * LANE; p += 3 * LANE, n -= 3 * LANE) {
-        uint64_t c1 = 0, c2 = 0;
-        for (size_t i = 0; i < LANE; i += 8) {
-            uint64_t a, b, c;
-            __builtin_memcpy(&a, p + i, 8);
-            __builtin_memcpy(&b, p + LANE + i, 8);
-            __builtin_memcpy(&c, p + 2 * LANE + i, 8);
-            c0 = _mm_crc32_u64(c0, a);
-            c1 = _mm_crc32_u64(c1, b);
-            c2 = _mm_crc32_u64(c2, c);
-        }
-        c0 = past_lane((uint32_t)c0) ^ (uint32_t)c1;
-        c0 = past_lane((uint32_t)c0) ^ (uint32_t)c2;
-    }
+    for (; n >= 3 * LANE; p += 3 * LANE, n -= 3 * LANE)
+        c0 = three_lanes(c0, p, LANE, lane_shift);
+    for (; n >= 3 * SMALL_LANE; p += 3 * SMALL_LANE, n -= 3 * SMALL_LANE)
+        c0 = three_lanes(c0, p, SMALL_LANE, small_lane_shift);
     return (uint32_t)crc32c_hw1(c0, p, n);
 }
 #endif
