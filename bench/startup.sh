@@ -12,7 +12,8 @@
 #     of TAIL keys spread over the org, flushed at the stop) against a full
 #     replay of that log, as the daemon times the state's rebuild. Goal:
 #     >= 10x faster. Also from exec to ready: both starts first open the
-#     log, which checks every record of every segment.
+#     log, which checks every record of every segment. Each start follows
+#     a touch of WARM_MB of memory (see host_warm below).
 # PARTS (default "replay memory snapshot") picks the parts to run.
 . "$(dirname "$0")/lib.sh"
 N=${N:-1000000}
@@ -160,16 +161,31 @@ PY
     kill "$KL_PID"; wait "$KL_PID" 2>/dev/null || true
     echo "$ms $(( $(date -d "$ready" +%s%3N) - t0 ))"
   }
+  # This VM's host takes back guest memory that stays free for a few
+  # seconds, and backing it again on first touch costs over a millisecond
+  # per MB: as much as the whole load of a snapshot, and more or less of it
+  # by chance. Before each start a short process touches and frees
+  # WARM_MB, so that both starts find memory the host backs (a host with
+  # its memory to itself always does); the time that took says what state
+  # the machine was in.
+  WARM_MB=${WARM_MB:-1024}
+  host_warm() {   # -> ms it took to touch WARM_MB
+    python3 -c "
+import time; t = time.monotonic(); b = b'\1' * ($WARM_MB << 20)
+print(round((time.monotonic() - t) * 1000))"
+  }
   snap=$(ls "$BENCH_TMP/snap"/snapshot-*.kls)
   sn=(); fu=(); snt=(); fut=()
   for r in $(seq 1 "$ROUNDS"); do
     # A clean stop may flush usage or raise alerts: the tail only grows.
+    w1=$(host_warm)
     read -r s_ms s_tot <<<"$(start_ms "$BENCH_TMP/snap")"
     mv "$snap" "$BENCH_TMP/aside.kls"
+    w2=$(host_warm)
     read -r f_ms f_tot <<<"$(start_ms "$BENCH_TMP/snap")"
     mv "$BENCH_TMP/aside.kls" "$snap"
     sn+=("$s_ms"); fu+=("$f_ms"); snt+=("$s_tot"); fut+=("$f_tot")
-    echo "round $r: from the snapshot ${s_ms} ms (exec to ready ${s_tot} ms), full replay ${f_ms} ms (${f_tot} ms)"
+    echo "round $r: from the snapshot ${s_ms} ms (exec to ready ${s_tot} ms), full replay ${f_ms} ms (${f_tot} ms); touching $WARM_MB MB before each took $w1 / $w2 ms"
   done
   s=$(median "${sn[@]}"); f=$(median "${fu[@]}")
   st=$(median "${snt[@]}"); ft=$(median "${fut[@]}")
