@@ -104,8 +104,8 @@ static void on_timer(uv_timer_t *t);
 
 /*
  * Each state has one deadline, but the timer is not moved with every
- * request (a stop and a start of libuv's timer heap per request was a
- * twentieth of the verify path): a later deadline leaves the armed timer
+ * request (a stop and a start of libuv's timer heap per request were 2%
+ * of the verify path's CPU): a later deadline leaves the armed timer
  * alone, and when it fires early it sleeps again for the rest. Only an
  * earlier deadline, or no timer armed, starts it.
  */
