@@ -115,7 +115,6 @@ static void timer_arm(kl_http_conn *c, uint64_t due)
     int rc = uv_timer_start(&c->timer, on_timer, due > now ? due - now : 0, 0);
     if (rc < 0)
         fprintf(stderr, "http: timer start failed: %s\n", uv_strerror(rc));
-    c->timer_due = due;
 }
 
 static void conn_timer_set(kl_http_conn *c, kl_http_timer_mode mode,
@@ -126,8 +125,10 @@ static void conn_timer_set(kl_http_conn *c, kl_http_timer_mode mode,
         c->deadline = UINT64_MAX;   /* an armed timer fires and finds none */
         return;
     }
-    c->deadline = uv_now(c->tcp.loop) + ms;
-    if (!uv_is_active((uv_handle_t *)&c->timer) || c->timer_due > c->deadline)
+    uint64_t now = uv_now(c->tcp.loop);
+    c->deadline = now + ms;
+    if (!uv_is_active((uv_handle_t *)&c->timer) ||
+        now + uv_timer_get_due_in(&c->timer) > c->deadline)
         timer_arm(c, c->deadline);
 }
 

@@ -96,7 +96,6 @@ struct kl_http_conn {
     int open_handles;            /* tcp + timer until their close callbacks */
     kl_http_timer_mode timer_mode;
     uint64_t deadline;           /* loop time (ms) the current state ends */
-    uint64_t timer_due;          /* loop time the armed timer fires */
 
     bool headers_done;           /* later header callbacks are trailers */
     bool keep_alive;             /* llhttp's verdict on the finished message */

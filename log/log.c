@@ -714,11 +714,10 @@ static void *scan_worker(void *arg)
  * million records' CRCs is most of an open), then checks in order what
  * ties each to the one before. The first problem in log order is the one
  * reported, as a scan of one segment after the other would. Sets the head
- * seq; `hash` goes in as the chain the log goes on from and comes out as
- * its head. */
-static int scan_all(kl_log *log, uint64_t first, uint8_t hash[KL_HASH_LEN],
-                    kl_log_recovery *rec, kl_err *err)
+ * seq and hash, and the hash the log goes on from. */
+static int scan_all(kl_log *log, uint64_t first, kl_log_recovery *rec, kl_err *err)
 {
+    uint8_t *hash = log->head_hash;
     scan *scans = calloc(log->nsegs > 0 ? log->nsegs : 1, sizeof *scans);
     if (scans == NULL)
         return KL_ENOMEM;
@@ -738,6 +737,14 @@ static int scan_all(kl_log *log, uint64_t first, uint8_t hash[KL_HASH_LEN],
         const scan *sc = &scans[i];
         char name[32];
         kl_segment_name(sc->seg->first_seq, name);
+        if (i == 0) {
+            /* A log compaction replaced starts later: the chain goes on
+             * from the hash its first segment's header carries in. */
+            memset(hash, 0, KL_HASH_LEN);
+            if (first != 1 && sc->header_ok)
+                memcpy(hash, sc->carried, KL_HASH_LEN);
+            memcpy(log->first_prev, hash, KL_HASH_LEN);
+        }
         if (!sc->header_ok) {
             rc = sc->rc;
             *err = sc->err;
@@ -818,22 +825,7 @@ static int log_open(kl_log **out, const kl_log_config *cfg, kl_log_recovery *rec
     if ((rc = list_segments(log, first, last, err)) != KL_OK)
         goto cleanup;
 
-    memset(log->head_hash, 0, KL_HASH_LEN);
-    if (first != 1) {
-        /* A compacted log starts later: the carried hash is the chain head
-         * before it, taken from the first segment's header. */
-        mapped m;
-        char name[32];
-        kl_segment_name(first, name);
-        if ((rc = segment_map(log, first, &m, err)) != KL_OK)
-            goto cleanup;
-        rc = header_check(&m, first, name, log->head_hash, err);
-        segment_unmap(&m);
-        if (rc != KL_OK)
-            goto cleanup;
-    }
-    memcpy(log->first_prev, log->head_hash, KL_HASH_LEN);
-    if ((rc = scan_all(log, first, log->head_hash, rec, err)) != KL_OK)
+    if ((rc = scan_all(log, first, rec, err)) != KL_OK)
         goto cleanup;
 
     segment *tail = &log->segs[log->nsegs - 1];

@@ -145,9 +145,11 @@ int kl_idmap_add(kl_idmap *m, void *entity)
     return insert(m, entity, id_hash(entity), false);
 }
 
-void kl_idmap_prefetch(const kl_idmap *m, const kl_id *id)
+uint64_t kl_idmap_prefetch(const kl_idmap *m, const kl_id *id)
 {
-    __builtin_prefetch(&m->slots[(uint32_t)id_hash(id) & (m->cap - 1)], 1);
+    uint64_t h = id_hash(id);
+    __builtin_prefetch(&m->slots[(uint32_t)h & (m->cap - 1)], 1);
+    return h;
 }
 
 bool kl_idmap_has_room(const kl_idmap *m, uint32_t n)
@@ -159,13 +161,13 @@ bool kl_idmap_has_room(const kl_idmap *m, uint32_t n)
  * adding at once each see the other's entries (an id added by both is
  * KL_EEXIST for one of them). The entity's bytes are published with its
  * slot (release), read after it (acquire). */
-int kl_idmap_add_concurrent(kl_idmap *m, void *entity)
+int kl_idmap_add_concurrent(kl_idmap *m, void *entity, uint64_t h)
 {
     uint64_t addr = (uintptr_t)entity;
     if ((addr & ~ADDR_MASK) != 0)
         return KL_ENOMEM;
     const kl_id *id = entity;
-    uint64_t h = id_hash(id), tag = tag_of(h);
+    uint64_t tag = tag_of(h);
     for (uint32_t j = (uint32_t)h & (m->cap - 1);; j = (j + 1) & (m->cap - 1)) {
         uint64_t s = __atomic_load_n(&m->slots[j], __ATOMIC_ACQUIRE);
         while (s == 0) {

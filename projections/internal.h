@@ -24,9 +24,11 @@ void kl_idmap_free(kl_idmap *m);
  * counts what was added, once the threads are done. prefetch brings the
  * slot an id would start its probe at into the cache. */
 bool kl_idmap_has_room(const kl_idmap *m, uint32_t n);
-int kl_idmap_add_concurrent(kl_idmap *m, void *entity);
+/* Fetches the slot an id will probe first; returns the id's hash, for
+ * kl_idmap_add_concurrent (so an id is hashed once). */
+uint64_t kl_idmap_prefetch(const kl_idmap *m, const kl_id *id);
+int kl_idmap_add_concurrent(kl_idmap *m, void *entity, uint64_t hash);
 void kl_idmap_count_added(kl_idmap *m, uint32_t n);
-void kl_idmap_prefetch(const kl_idmap *m, const kl_id *id);
 
 /* Flow lists shared by keys (flowset.c). get finds or adds `flows` and
  * counts one more holder; put counts one fewer and frees the list with its

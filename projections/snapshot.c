@@ -912,10 +912,14 @@ enum { INDEX_AHEAD = 16 };
 static void index_keys(loader *l, kl_key *keys, uint64_t n)
 {
     kl_idmap *m = &l->p->key_by_id;
+    uint64_t hash[INDEX_AHEAD];     /* of keys i .. i + INDEX_AHEAD - 1 */
+    for (uint64_t i = 0; i < n && i < INDEX_AHEAD; i++)
+        hash[i] = kl_idmap_prefetch(m, &keys[i].id);
     for (uint64_t i = 0; i < n && !bad(l); i++) {
+        uint64_t h = hash[i % INDEX_AHEAD];
         if (i + INDEX_AHEAD < n)
-            kl_idmap_prefetch(m, &keys[i + INDEX_AHEAD].id);
-        int rc = kl_idmap_add_concurrent(m, &keys[i]);
+            hash[i % INDEX_AHEAD] = kl_idmap_prefetch(m, &keys[i + INDEX_AHEAD].id);
+        int rc = kl_idmap_add_concurrent(m, &keys[i], h);
         if (rc == KL_EEXIST)
             l->r.bad = true;    /* one id for two keys */
         else if (rc != KL_OK)
