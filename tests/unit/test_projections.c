@@ -1833,6 +1833,114 @@ static void test_replay_equals_live(void **state)
     world_free(w);
 }
 
+/* A start from a snapshot file: 22,000 keys (two halves, each read from
+ * the file in pieces), one with an hourly usage history bigger than a
+ * piece, texts and flows; it equals the live state. A flipped byte in
+ * either half, or a split moved by one under a checksum made for it, and
+ * the start replays the whole log instead, to the same state. */
+static void snapshot_file(const char *dir, kl_log *log, const uint8_t *payload, size_t len)
+{
+    uint8_t hash[KL_HASH_LEN];
+    kl_log_head_hash(log, hash);
+    kl_err err = {0};
+    assert_int_equal(kl_snapshot_write(dir, kl_log_head_seq(log), hash, payload, len, &err),
+                     KL_OK);
+}
+
+static uint64_t rebuilt_from(world *w, kl_log *log, const char *dir, const char *live)
+{
+    kl_proj *p = NULL;
+    uint64_t from = 99;
+    kl_err err = {0};
+    assert_int_equal(kl_proj_rebuild(&p, log, dir, NULL, &from, &err), KL_OK);
+    char *got = dump(w, p);
+    assert_same_dump(live, got);
+    free(got);
+    kl_proj_free(p);
+    return from;
+}
+
+static void test_snapshot_from_file(void **state)
+{
+    const char *dir = *state;
+    kl_log_config cfg;
+    kl_log_config_defaults(&cfg);
+    cfg.dir = dir;
+    cfg.fsync = KL_FSYNC_OFF;
+    kl_err err = {0};
+    kl_log_recovery rec;
+    world *w = world_new();
+    assert_int_equal(kl_log_create(&cfg, &err), KL_OK);
+    assert_int_equal(kl_log_open(&w->log, &cfg, &rec, &err), KL_OK);
+    org_created(w, "a");
+    kl_id owner = user_invited(w, "a@x.io", KL_ROLE_OWNER);
+    enum { KEYS = 22000, HOURS = 14000 };
+    kl_id used = {{0}};
+    for (int i = 0; i < KEYS; i++) {
+        kl_event ev = key_event(w, KL_PRINCIPAL_USER, &owner);
+        char name[32];
+        snprintf(name, sizeof name, "key %d", i);
+        ev.name = S(name);
+        if (i % 2 == 0) {
+            ev.access = KL_ACCESS_FLOWS;
+            ev.flows[0] = S(i % 4 == 0 ? "orders" : "refunds");
+            ev.nflows = 1;
+        }
+        apply_ok(w, &ev);
+        if (i == KEYS - 3)
+            used = ev.id;               /* in the second half */
+    }
+    for (int h = 0; h < HOURS; h++) {
+        w->ts += 3600000;
+        usage(w, &used, w->ts);
+    }
+    kl_log_close(w->log);
+    w->log = NULL;
+    char *live = dump(w, w->p);
+    cfg.read_only = true;
+    kl_log *log = NULL;
+    assert_int_equal(kl_log_open(&log, &cfg, &rec, &err), KL_OK);
+
+    kl_buf snap = {0};
+    assert_int_equal(kl_proj_snapshot(w->p, &snap), KL_OK);
+    assert_true(snap.len > (4u << 20));     /* pieces and windows many times over */
+    snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
+    assert_int_equal(rebuilt_from(w, log, dir, live), kl_log_head_seq(log));
+
+    uint8_t *b = (uint8_t *)snap.data;
+    uint8_t *at = memchr(b + 17, 0xcf, 64);     /* the header's only uint 64 */
+    assert_non_null(at);
+    uint64_t split = 0;
+    for (int i = 1; i <= 8; i++)
+        split = split << 8 | at[i];
+    assert_true(split > 0 && split < snap.len);
+    /* A flipped byte in a key of each half: the file's checksum differs. */
+    char path[600];
+    snprintf(path, sizeof path, "%s/snapshot-%020llu.kls", dir,
+             (unsigned long long)kl_log_head_seq(log));
+    size_t flips[2] = {(size_t)split / 2, (size_t)split + (snap.len - (size_t)split) / 3};
+    for (int f = 0; f < 2; f++) {
+        snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
+        FILE *fp = fopen(path, "r+b");
+        assert_non_null(fp);
+        assert_int_equal(fseek(fp, 72 + (long)flips[f], SEEK_SET), 0);  /* the header */
+        assert_int_equal(fputc(b[flips[f]] ^ 0x20, fp), b[flips[f]] ^ 0x20);
+        fclose(fp);
+        assert_int_equal(rebuilt_from(w, log, dir, live), 0);
+    }
+    /* The split one byte off, under a checksum that fits. */
+    uint64_t off = split + 1;
+    for (int i = 8; i >= 1; i--, off >>= 8)
+        at[i] = (uint8_t)off;
+    snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
+    assert_int_equal(rebuilt_from(w, log, dir, live), 0);
+
+    kl_buf_free(&snap);
+    kl_log_close(log);
+    free(live);
+    world_free(w);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1851,6 +1959,8 @@ int main(void)
         cmocka_unit_test(test_pagination),
         cmocka_unit_test(test_idempotency_records),
         cmocka_unit_test_setup_teardown(test_replay_equals_live, tmp_setup,
+                                        tmp_teardown),
+        cmocka_unit_test_setup_teardown(test_snapshot_from_file, tmp_setup,
                                         tmp_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
