@@ -21,8 +21,7 @@ int kl_idmap_reserve(kl_idmap *m, uint32_t n);   /* room for n without growing *
 void kl_idmap_free(kl_idmap *m);
 /* Adding from two threads at once, into a map with room for all they add
  * (has_room): add_concurrent never grows the map nor counts; count_added
- * counts what was added, once the threads are done. prefetch brings the
- * slot an id would start its probe at into the cache. */
+ * counts what was added, once the threads are done. */
 bool kl_idmap_has_room(const kl_idmap *m, uint32_t n);
 /* Fetches the slot an id will probe first; returns the id's hash, for
  * kl_idmap_add_concurrent (so an id is hashed once). */

@@ -754,6 +754,24 @@ static void test_many_keys_found(void **state)
     world_free(w);
 }
 
+/* The key split in a snapshot's header (its only uint 64, 9 bytes at
+ * *at), and writing one there. */
+static uint64_t header_split(uint8_t *b, uint8_t **at)
+{
+    *at = memchr(b + 17, 0xcf, 64);
+    assert_non_null(*at);
+    uint64_t split = 0;
+    for (int i = 1; i <= 8; i++)
+        split = split << 8 | (*at)[i];
+    return split;
+}
+
+static void set_split(uint8_t *at, uint64_t split)
+{
+    for (int i = 8; i >= 1; i--, split >>= 8)
+        at[i] = (uint8_t)split;
+}
+
 /* A snapshot of 20,000 keys or more loads in two halves on two threads:
  * owners and flow lists changing in runs, two orgs, deleted and revoked
  * keys, all the same after the load (the round trip also cuts and flips
@@ -800,31 +818,24 @@ static void test_snapshot_in_two_halves(void **state)
 
     kl_buf snap = {0};
     assert_int_equal(kl_proj_snapshot(w->p, &snap), KL_OK);
-    uint8_t *b = (uint8_t *)snap.data;
-    uint8_t *at = memchr(b + 17, 0xcf, 64);     /* the header's only uint 64 */
-    assert_non_null(at);
-    uint64_t split = 0;
-    for (int i = 1; i <= 8; i++)
-        split = split << 8 | at[i];
+    uint8_t *b = (uint8_t *)snap.data, *at;
+    uint64_t split = header_split(b, &at);
     assert_true(split > 0 && split < snap.len);
     kl_proj *loaded = NULL;
     kl_err err = {0};
     for (int delta = -1; delta <= 1; delta += 2) {
-        uint64_t bad = split + (uint64_t)delta;
-        for (int i = 8; i >= 1; i--, bad >>= 8)
-            at[i] = (uint8_t)bad;
+        set_split(at, split + (uint64_t)delta);
         assert_int_equal(kl_proj_load(&loaded, b, snap.len, &err), KL_ECORRUPT);
         assert_null(loaded);
     }
-    memset(at + 1, 0, 8);
+    set_split(at, 0);                   /* 0: one loader */
     assert_int_equal(kl_proj_load(&loaded, b, snap.len, &err), KL_OK);
     char *want = dump(w, w->p), *got = dump(w, loaded);
     assert_same_dump(want, got);
     free(want);
     free(got);
     kl_proj_free(loaded);
-    for (int i = 8; i >= 1; i--, split >>= 8)
-        at[i] = (uint8_t)split;
+    set_split(at, split);
     assert_int_equal(kl_proj_load(&loaded, b, snap.len, &err), KL_OK);
     kl_buf_free(&snap);
 
@@ -1908,12 +1919,8 @@ static void test_snapshot_from_file(void **state)
     snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
     assert_int_equal(rebuilt_from(w, log, dir, live), kl_log_head_seq(log));
 
-    uint8_t *b = (uint8_t *)snap.data;
-    uint8_t *at = memchr(b + 17, 0xcf, 64);     /* the header's only uint 64 */
-    assert_non_null(at);
-    uint64_t split = 0;
-    for (int i = 1; i <= 8; i++)
-        split = split << 8 | at[i];
+    uint8_t *b = (uint8_t *)snap.data, *at;
+    uint64_t split = header_split(b, &at);
     assert_true(split > 0 && split < snap.len);
     /* A flipped byte in a key of each half: the file's checksum differs. */
     char path[600];
@@ -1924,15 +1931,13 @@ static void test_snapshot_from_file(void **state)
         snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
         FILE *fp = fopen(path, "r+b");
         assert_non_null(fp);
-        assert_int_equal(fseek(fp, 72 + (long)flips[f], SEEK_SET), 0);  /* the header */
+        assert_int_equal(fseek(fp, 72 + (long)flips[f], SEEK_SET), 0);  /* past the header */
         assert_int_equal(fputc(b[flips[f]] ^ 0x20, fp), b[flips[f]] ^ 0x20);
         fclose(fp);
         assert_int_equal(rebuilt_from(w, log, dir, live), 0);
     }
     /* The split one byte off, under a checksum that fits. */
-    uint64_t off = split + 1;
-    for (int i = 8; i >= 1; i--, off >>= 8)
-        at[i] = (uint8_t)off;
+    set_split(at, split + 1);
     snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
     assert_int_equal(rebuilt_from(w, log, dir, live), 0);
 
