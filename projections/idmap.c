@@ -60,11 +60,11 @@ void kl_idmap_free(kl_idmap *m)
 
 static int resize(kl_idmap *m, uint32_t cap)
 {
-    uint64_t *slots = calloc(cap, sizeof *slots);
+    size_t size = (size_t)cap * sizeof(uint64_t);
+    uint64_t *slots = kl_big_alloc(size);
     if (slots == NULL)
         return KL_ENOMEM;
-    if ((size_t)cap * sizeof *slots >= KL_PREFAULT_MIN)
-        kl_prefault(slots, (size_t)cap * sizeof *slots);
+    memset(slots, 0, size);
     for (uint32_t i = 0; i < m->cap; i++) {
         if (m->slots[i] == 0)
             continue;

@@ -40,7 +40,8 @@ kl_key *kl_keys_new(kl_key_slab *s)
     return &b->keys[b->used++];
 }
 
-void kl_prefault(void *p, size_t n)
+/* Faults in the pages wholly inside [p, p + n) for writing, in one call. */
+static void prefault(void *p, size_t n)
 {
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t from = ((uintptr_t)p + page - 1) & ~(page - 1);
@@ -51,10 +52,24 @@ void kl_prefault(void *p, size_t n)
         (void)madvise((void *)from, to - from, MADV_POPULATE_WRITE);
 }
 
+void *kl_big_alloc(size_t n)
+{
+    if (n < KL_HUGE_PAGE)
+        return malloc(n);
+    /* Whole huge pages: a part of one would be 4 KiB pages. */
+    size_t size = (n + KL_HUGE_PAGE - 1) & ~(size_t)(KL_HUGE_PAGE - 1);
+    void *p;
+    if (size < n || posix_memalign(&p, KL_HUGE_PAGE, size) != 0)
+        return NULL;
+    (void)madvise(p, size, MADV_HUGEPAGE);  /* a hint: 4 KiB pages still work */
+    prefault(p, size);
+    return p;
+}
+
 static void *populate(void *arg)
 {
     const kl_key_slab *s = arg;
-    kl_prefault(s->fill_addr, s->fill_len);    /* safe beside the loader */
+    prefault(s->fill_addr, s->fill_len);    /* safe beside the loader */
     return NULL;
 }
 
@@ -77,10 +92,8 @@ kl_key *kl_keys_take(kl_key_slab *s, uint32_t n)
     return b->keys;
 }
 
-/* Chunks of texts, each twice the one before up to TEXT_CHUNK_MAX: the big
- * ones are mapped on their own, where the kernel can back them with huge
- * pages (a fault per 4 KiB page is most of what filling them costs). */
-enum { TEXT_CHUNK_MIN = 64 << 10, TEXT_CHUNK_MAX = 32 << 20 };
+/* Chunks of texts, a huge page each (kl_big_alloc); a text longer than
+ * that gets a chunk of its own. */
 
 struct kl_text_chunk {
     kl_text_chunk *next;
@@ -92,13 +105,10 @@ char *kl_keys_text(kl_text_chunk **chunks, size_t n)
 {
     kl_text_chunk *c = *chunks;
     if (c == NULL || c->cap - c->used < n) {
-        size_t cap = c == NULL ? TEXT_CHUNK_MIN
-                     : c->cap < TEXT_CHUNK_MAX ? 2 * c->cap : TEXT_CHUNK_MAX;
+        size_t cap = KL_HUGE_PAGE - sizeof *c;
         cap = n > cap ? n : cap;
-        if ((c = malloc(sizeof *c + cap)) == NULL)
+        if ((c = kl_big_alloc(sizeof *c + cap)) == NULL)
             return NULL;
-        if (cap >= KL_PREFAULT_MIN)
-            kl_prefault(c->data, cap);  /* one call, not a fault a page */
         c->used = 0;
         c->cap = cap;
         c->next = *chunks;

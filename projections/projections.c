@@ -52,6 +52,21 @@ int kl_p_vec_reserve(kl_vec *v)
     return KL_OK;
 }
 
+void **kl_p_vec_grow(kl_vec *v, uint32_t cap)
+{
+    if (cap <= v->cap)
+        return v->items;
+    size_t size = (size_t)cap * sizeof *v->items;
+    void **items = v->len == 0 ? kl_big_alloc(size) : realloc(v->items, size);
+    if (items == NULL)
+        return NULL;
+    if (v->len == 0)
+        free(v->items);
+    v->items = items;
+    v->cap = cap;
+    return items;
+}
+
 /* Entities start with their kl_id: compare through that. */
 static int id_cmp(const kl_id *a, const kl_id *b)
 {

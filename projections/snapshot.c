@@ -631,7 +631,7 @@ static void load_org(loader *l)
     if (bad(l) || n % 8 != 0)
         r->bad = true;
     else if (n > 0) {
-        if ((o->history = malloc(n)) == NULL) {
+        if ((o->history = kl_big_alloc(n)) == NULL) {
             l->rc = KL_ENOMEM;
             return;
         }
@@ -949,32 +949,42 @@ static void end_run(key_run *run)
     l->flows = NULL;
 }
 
-/* A run's groups onto the org lists, after what is there: each list stays
- * in id order (checked where groups meet). */
-static void join_groups(loader *l, key_run *run)
+/* Group i of the two runs' groups, a's then b's. */
+static const key_group *group_at(const key_run *a, const key_run *b, size_t i)
 {
-    for (size_t i = 0; i < run->l.ngroups && !bad(l); i++) {
-        const key_group *g = &run->l.groups[i];
-        kl_vec *v = g->list;
-        if (v->len > 0 && memcmp(((const kl_id *)v->items[v->len - 1])->b,
-                                 g->first->id.b, 16) >= 0) {
-            l->r.bad = true;
-            break;
-        }
-        void **items = (uint64_t)v->len + g->n <= UINT32_MAX
-                           ? realloc(v->items, ((size_t)v->len + g->n) * sizeof *items)
-                           : NULL;
-        if (items == NULL) {
+    return i < a->l.ngroups ? &a->l.groups[i] : &b->l.groups[i - a->l.ngroups];
+}
+
+/* The runs' groups onto the org lists, after what is there. A list's keys
+ * are in a row in the snapshot, so its groups follow one another (from the
+ * end of the first run into the second): each list grows once, to its
+ * size, and stays in id order (checked where groups meet). */
+static void join_groups(loader *l, key_run *a, key_run *b)
+{
+    size_t n = a->l.ngroups + b->l.ngroups;
+    for (size_t i = 0; i < n && !bad(l);) {
+        kl_vec *v = group_at(a, b, i)->list;
+        uint64_t len = v->len;
+        for (size_t j = i; j < n && group_at(a, b, j)->list == v; j++)
+            len += group_at(a, b, j)->n;
+        if (len > UINT32_MAX || kl_p_vec_grow(v, (uint32_t)len) == NULL) {
             l->rc = KL_ENOMEM;
             break;
         }
-        v->items = items;
-        for (uint32_t j = 0; j < g->n; j++)
-            v->items[v->len++] = g->first + j;
-        v->cap = v->len;
+        for (; i < n && group_at(a, b, i)->list == v; i++) {
+            const key_group *g = group_at(a, b, i);
+            if (v->len > 0 && memcmp(((const kl_id *)v->items[v->len - 1])->b,
+                                     g->first->id.b, 16) >= 0) {
+                l->r.bad = true;
+                break;
+            }
+            for (uint32_t j = 0; j < g->n; j++)
+                v->items[v->len++] = g->first + j;
+        }
     }
-    free(run->l.groups);
-    run->l.groups = NULL;
+    free(a->l.groups);
+    free(b->l.groups);
+    a->l.groups = b->l.groups = NULL;
 }
 
 /* The n keys, into one block; from `split` (a payload offset, 0: none) on
@@ -1027,8 +1037,7 @@ static void load_keys(loader *l, uint64_t n, uint64_t split, const uint8_t *data
     r->bad = last->l.r.bad || a.l.r.bad;
     r->p = last->l.r.p;
     kl_idmap_count_added(&l->p->key_by_id, a.l.indexed + b.l.indexed);
-    join_groups(l, &a);
-    join_groups(l, &b);
+    join_groups(l, &a, &b);
 }
 
 static void load_computer(loader *l)

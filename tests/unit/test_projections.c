@@ -773,9 +773,9 @@ static void set_split(uint8_t *at, uint64_t split)
 }
 
 /* A snapshot of 20,000 keys or more loads in two halves on two threads:
- * owners and flow lists changing in runs, two orgs, deleted and revoked
- * keys, all the same after the load (the round trip also cuts and flips
- * bytes); a split that is not where the second half begins is refused, 0
+ * owners and flow lists changing in runs, two orgs (the second's keys cut
+ * between the halves), deleted and revoked keys, all the same after the
+ * load (the round trip also cuts and flips bytes); a split that is not where the second half begins is refused, 0
  * means one loader; a loaded key's texts (from the loader's chunks) can be
  * replaced, and every flow list counts exactly the keys holding it. */
 static void test_snapshot_in_two_halves(void **state)
@@ -812,7 +812,7 @@ static void test_snapshot_in_two_halves(void **state)
     }
     org_created(w, "b");
     kl_id ub = user_invited(w, "b@x.io", KL_ROLE_OWNER);
-    for (int i = 0; i < PER_ORG; i++)
+    for (int i = 0; i < PER_ORG + 2000; i++)
         key_created(w, KL_PRINCIPAL_USER, &ub);
     assert_snapshot_round_trip(w, w->p);
 
