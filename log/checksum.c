@@ -153,6 +153,36 @@ uint32_t kl_crc32c(uint32_t crc, const void *data, size_t len)
     return ~crc32c_sw(crc, data, len);
 }
 
+/*
+ * Combining: the CRC register is a polynomial over GF(2) (bit-reflected: the
+ * top bit is x^0), and running it over n more bytes multiplies it by x^(8n)
+ * modulo the Castagnoli polynomial, then adds the bytes' own part. So
+ * crc(A B) = crc(A) * x^(8 |B|) + crc(B), the pre- and post-inversion
+ * cancelling. x^(8n) is built from the powers x^(2^k) by n's bits.
+ */
+static uint32_t mul_mod(uint32_t a, uint32_t b)   /* a * b mod P */
+{
+    uint32_t product = 0;
+    for (uint32_t bit = UINT32_C(1) << 31; bit != 0; bit >>= 1) {
+        if (a & bit)
+            product ^= b;
+        b = (b & 1) ? (b >> 1) ^ 0x82f63b78u : b >> 1;     /* b * x */
+    }
+    return product;
+}
+
+uint32_t kl_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    uint32_t power = UINT32_C(1) << 23;     /* x^8: one byte (x^k is bit 31 - k) */
+    uint32_t shift = UINT32_C(1) << 31;     /* x^0 */
+    for (; len_b != 0; len_b >>= 1) {
+        if (len_b & 1)
+            shift = mul_mod(shift, power);
+        power = mul_mod(power, power);
+    }
+    return mul_mod(crc_a, shift) ^ crc_b;
+}
+
 /* Exposed for the unit test that checks both paths agree. */
 uint32_t kl_crc32c_portable(uint32_t crc, const void *data, size_t len);
 uint32_t kl_crc32c_portable(uint32_t crc, const void *data, size_t len)

@@ -135,6 +135,9 @@ int64_t kl_time_next_month(int64_t ms);
 /* ---- checksums ------------------------------------------------------- */
 
 uint32_t kl_crc32c(uint32_t crc, const void *data, size_t len);
+/* The CRC-32C of A then B from the CRC of A, the CRC of B and B's length:
+ * pieces checksummed apart (on two threads, say) give the whole's. */
+uint32_t kl_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 enum { KL_HASH_LEN = 32 };
 void kl_sha256(const void *data, size_t len, uint8_t out[KL_HASH_LEN]);
 /* n bytes from a CSPRNG (OpenSSL's, pooled per thread); KL_EIO if it
@@ -532,25 +535,32 @@ int kl_log_compact_finish(const char *data, const kl_logger *lg, kl_err *err);
  * is `hash` (atomically: temp, fsync, rename, fsync the dir). */
 int kl_snapshot_write(const char *dir, uint64_t seq, const uint8_t hash[KL_HASH_LEN],
                       const void *payload, size_t len, kl_err *err);
-/* A snapshot's payload, mapped read-only from its file. */
+/* A snapshot file: its header checked, its payload still in the file
+ * (kl_snapshot_open) or mapped read-only (kl_snapshot_read: data). */
 typedef struct kl_snapshot_data {
-    const uint8_t *data;
+    const uint8_t *data;        /* NULL until read */
     size_t len;
     uint32_t crc;               /* what the header says the payload's is */
+    int fd;
+    bool opened;                /* fd is the file's */
     void *map;                  /* the mapping (private) */
     size_t map_len;
 } kl_snapshot_data;
-/* Opens snapshot `seq`: checks its header and maps its payload, whose
- * checksum is left to kl_snapshot_check (a loader may run that beside its
- * own reading, which trusts no byte anyway). KL_ECORRUPT when the header is
- * not whole. Release what it gave with kl_snapshot_release (a zeroed
- * kl_snapshot_data is fine to release). */
+/* Opens snapshot `seq` and checks its header; the payload is left in the
+ * file for kl_snapshot_pread, and its checksum to whoever reads it (a
+ * loader checksums each piece as it reads it: see kl_crc32c_combine).
+ * KL_ECORRUPT when the header is not whole. Release what it gave with
+ * kl_snapshot_release (a zeroed kl_snapshot_data is fine to release). */
 int kl_snapshot_open(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err);
-/* Whether the payload matches its checksum. */
+/* n bytes of the payload from offset off: false if they are not all there
+ * (an I/O error, or the file was cut since it was opened). */
+bool kl_snapshot_pread(const kl_snapshot_data *s, void *buf, size_t n, uint64_t off);
+/* Whether the payload matches its checksum (read from the file in pieces
+ * if it is not in memory). */
 bool kl_snapshot_check(const kl_snapshot_data *s);
-/* kl_snapshot_open, then kl_snapshot_check (KL_ECORRUPT, released, when
- * the payload is not whole). */
+/* kl_snapshot_open, then the payload mapped and checked (KL_ECORRUPT,
+ * released, when it is not whole). */
 int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err);
 void kl_snapshot_release(kl_snapshot_data *s);

@@ -55,13 +55,11 @@ void kl_snapshot_release(kl_snapshot_data *s)
 {
     if (s->map != NULL)
         munmap(s->map, s->map_len);
+    if (s->opened)
+        close(s->fd);
     memset(s, 0, sizeof *s);
 }
 
-/* The payload is mapped, not read: a snapshot of a million keys is a few
- * hundred MiB that the loader reads once, front to back, and the page cache
- * already holds; copying it into fresh memory cost more than loading it.
- * MAP_POPULATE maps it all in one call rather than a fault per page. */
 int kl_snapshot_open(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err)
 {
@@ -79,54 +77,79 @@ int kl_snapshot_open(const char *dir, uint64_t seq, kl_snapshot_data *out,
     }
     uint8_t h[SNAP_HEADER];
     struct stat st;
-    int rc = KL_ECORRUPT;
     if (fstat(fd, &st) != 0 || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h ||
         memcmp(h, SNAP_MAGIC, 8) != 0 || get_u32(h + 68) != kl_crc32c(0, h, 68)) {
         kl_err_set(err, "%s: not a whole snapshot header", name);
-        goto cleanup;
+        close(fd);
+        return KL_ECORRUPT;
     }
     uint64_t len = get_u64(h + 56);
     if (get_u32(h + 8) != SNAP_FORMAT || get_u32(h + 12) != SNAP_HEADER ||
         get_u64(h + 16) != seq || len > KL_SNAPSHOT_MAX ||
         (uint64_t)st.st_size != SNAP_HEADER + len) {
         kl_err_set(err, "%s: header does not fit the file", name);
-        goto cleanup;
+        close(fd);
+        return KL_ECORRUPT;
     }
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    if (map == MAP_FAILED) {
-        kl_err_set(err, "map %s: %s", name, strerror(errno));
-        rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
-        goto cleanup;
-    }
-    madvise(map, (size_t)st.st_size, MADV_SEQUENTIAL);
-    out->map = map;
-    out->map_len = (size_t)st.st_size;
-    out->data = (const uint8_t *)map + SNAP_HEADER;
+    out->fd = fd;
+    out->opened = true;
     out->len = (size_t)len;
     out->crc = get_u32(h + 64);
     memcpy(hash, h + 24, KL_HASH_LEN);
-    rc = KL_OK;
-cleanup:
-    close(fd);
-    return rc;
+    return KL_OK;
+}
+
+bool kl_snapshot_pread(const kl_snapshot_data *s, void *buf, size_t n, uint64_t off)
+{
+    return off <= s->len && n <= s->len - off &&
+           kl_read_all(s->fd, buf, n, SNAP_HEADER + off) == (ssize_t)n;
 }
 
 bool kl_snapshot_check(const kl_snapshot_data *s)
 {
-    return kl_crc32c(0, s->data, s->len) == s->crc;
+    if (s->data != NULL)
+        return kl_crc32c(0, s->data, s->len) == s->crc;
+    enum { PIECE = 1 << 20 };
+    uint8_t *buf = malloc(PIECE);
+    uint32_t crc = 0;
+    size_t off = 0;
+    for (; buf != NULL && off < s->len; off += PIECE) {
+        size_t n = s->len - off < PIECE ? s->len - off : PIECE;
+        if (!kl_snapshot_pread(s, buf, n, off))
+            break;
+        crc = kl_crc32c(crc, buf, n);
+    }
+    bool whole = buf != NULL && off >= s->len && crc == s->crc;
+    free(buf);
+    return whole;
 }
 
+/* Mapped, not read: verify and the tools read the payload once, front to
+ * back, and the page cache already holds it. */
 int kl_snapshot_read(const char *dir, uint64_t seq, kl_snapshot_data *out,
                      uint8_t hash[KL_HASH_LEN], kl_err *err)
 {
     int rc = kl_snapshot_open(dir, seq, out, hash, err);
-    if (rc == KL_OK && !kl_snapshot_check(out)) {
-        char name[48];
-        snapshot_name(seq, name);
-        kl_err_set(err, "%s: payload checksum does not match", name);
-        kl_snapshot_release(out);
-        rc = KL_ECORRUPT;
+    if (rc != KL_OK)
+        return rc;
+    out->map_len = SNAP_HEADER + out->len;
+    out->map = mmap(NULL, out->map_len, PROT_READ, MAP_PRIVATE, out->fd, 0);
+    char name[48];
+    snapshot_name(seq, name);
+    if (out->map == MAP_FAILED) {
+        out->map = NULL;
+        kl_err_set(err, "map %s: %s", name, strerror(errno));
+        rc = errno == ENOMEM ? KL_ENOMEM : KL_EIO;
+    } else {
+        madvise(out->map, out->map_len, MADV_SEQUENTIAL);
+        out->data = (const uint8_t *)out->map + SNAP_HEADER;
+        if (!kl_snapshot_check(out)) {
+            kl_err_set(err, "%s: payload checksum does not match", name);
+            rc = KL_ECORRUPT;
+        }
     }
+    if (rc != KL_OK)
+        kl_snapshot_release(out);
     return rc;
 }
 

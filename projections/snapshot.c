@@ -355,24 +355,124 @@ int kl_proj_snapshot(const kl_proj *p, kl_buf *out)
 /* ---- reading ---------------------------------------------------------- */
 
 /* A cursor over untrusted bytes: every read checks the bounds and the
- * type, and a failure makes every later read fail too. The readers run
- * some thirty times a key; inlined, each folds to the few instructions of
- * what its caller expects (as calls, a load took a fifth longer). */
+ * type, and a failure makes every later read fail too.
+ *
+ * The bytes are in memory (kl_proj_load) or in a snapshot file, where the
+ * cursor reads them in pieces as it needs them into a buffer of its own,
+ * each piece checksummed as it comes in, while it is in the cache. (The
+ * file was mapped before; on a virtual machine the first touch of each
+ * page of a mapping is a trip to the host, and reading the pieces into one
+ * small buffer cost a third of what that did: measured.) A piece goes
+ * after what the buffer holds, so what a read returned stays where it is
+ * until r_mark, between two entities, moves the unread bytes back to the
+ * buffer's start. The buffer has room for the reader's whole range: an
+ * entity of any size fits, and only the pages used are ever touched.
+ *
+ * The readers run some thirty times a key; inlined, each folds to the few
+ * instructions of what its caller expects (as calls, a load took a fifth
+ * longer).
+ */
 #define READER static inline __attribute__((always_inline))
+enum { PIECE = 256 << 10, WINDOW = 2 << 20 };
+
 typedef struct rd {
-    const uint8_t *p, *end;
+    const uint8_t *p, *end;     /* the bytes at hand */
     bool bad;
+    const kl_snapshot_data *file;   /* NULL: every byte is at hand */
+    uint8_t *buf;               /* what is at hand, from payload offset `at` */
+    uint64_t at;
+    uint64_t start, next, stop; /* the range: its start, the next byte to
+                                   read, its end */
+    uint32_t crc;               /* of [start, next) */
+    uint32_t crc_before;        /* of [0, start) */
 } rd;
+
+static rd r_mem(const uint8_t *data, size_t len)
+{
+    return (rd){.p = data, .end = data + len, .buf = (uint8_t *)data,
+                .next = len, .stop = len};
+}
+
+/* A reader of the file's bytes [start, stop). */
+static int r_file(rd *r, const kl_snapshot_data *file, uint64_t start, uint64_t stop)
+{
+    *r = (rd){.file = file, .at = start, .start = start, .next = start, .stop = stop};
+    r->buf = malloc(stop - start > 0 ? (size_t)(stop - start) : 1);
+    r->p = r->end = r->buf;
+    return r->buf != NULL ? KL_OK : KL_ENOMEM;
+}
+
+static void r_free(rd *r)
+{
+    if (r->file != NULL)
+        free(r->buf);
+    r->buf = NULL;
+}
+
+/* Reads on until n bytes are at hand: a piece at least. Out of line: the
+ * reads that need it are one in thousands. */
+__attribute__((noinline)) static bool r_fill(rd *r, size_t n)
+{
+    size_t have = (size_t)(r->end - r->p);
+    if (r->file == NULL || n - have > r->stop - r->next)
+        return false;
+    size_t want = n - have > PIECE ? n - have : PIECE;
+    if (want > r->stop - r->next)
+        want = (size_t)(r->stop - r->next);
+    uint8_t *to = r->buf + (r->next - r->at);       /* the range fits */
+    if (!kl_snapshot_pread(r->file, to, want, r->next))
+        return false;
+    r->crc = kl_crc32c(r->crc, to, want);
+    r->next += want;
+    r->end = to + want;
+    return true;
+}
 
 READER const uint8_t *r_take(rd *r, size_t n)
 {
-    if (r->bad || (size_t)(r->end - r->p) < n) {
+    if (r->bad || ((size_t)(r->end - r->p) < n && !r_fill(r, n))) {
         r->bad = true;
         return NULL;
     }
     const uint8_t *at = r->p;
     r->p += n;
     return at;
+}
+
+/* The next byte, not taken; -1 at the end. */
+static int r_peek(rd *r)
+{
+    return !r->bad && (r->p < r->end || r_fill(r, 1)) ? *r->p : -1;
+}
+
+/* Between two entities: nothing read before is pointed to any more. */
+static void r_mark(rd *r)
+{
+    size_t used = (size_t)(r->p - r->buf);
+    if (r->file == NULL || used < WINDOW)
+        return;
+    memmove(r->buf, r->p, (size_t)(r->end - r->p));
+    r->at += used;
+    r->end -= used;
+    r->p = r->buf;
+}
+
+/* The payload offset of the next byte. */
+static uint64_t r_pos(const rd *r)
+{
+    return r->at + (uint64_t)(r->p - r->buf);
+}
+
+/* The checksum of the payload's bytes [0, next). */
+static uint32_t r_crc(const rd *r)
+{
+    return r->start == 0 ? r->crc : kl_crc32c_combine(r->crc_before, r->crc, r->next - r->start);
+}
+
+/* Whether every byte of the range was read. */
+static bool r_done(const rd *r)
+{
+    return !r->bad && r->p == r->end && r->next == r->stop;
 }
 
 READER uint64_t r_be(rd *r, size_t n)
@@ -838,7 +938,7 @@ static void load_key(loader *l, kl_key *k)
     k->version = (uint32_t)r_u(r, UINT32_MAX);
     r_fixed(r, k->hash, KL_HASH_LEN);
     bool none;
-    if (r->p < r->end && *r->p == 0xc0) {
+    if (r_peek(r) == 0xc0) {
         r_s(r, true, &none);            /* no grace period */
         r_i(r);
     } else if ((k->aside.grace = malloc(sizeof *k->aside.grace)) == NULL) {
@@ -848,7 +948,7 @@ static void load_key(loader *l, kl_key *k)
         r_fixed(r, k->aside.grace->old_hash, KL_HASH_LEN);
         k->aside.grace->until = r_i(r);
     }
-    if (r->p < r->end && *r->p == 0xc0) {
+    if (r_peek(r) == 0xc0) {
         r_s(r, true, &none);            /* not revoked */
     } else if (k->aside.grace != NULL) {
         r->bad = true;                  /* revoked in a grace period: never */
@@ -935,8 +1035,10 @@ static void index_keys(loader *l, kl_key *keys, uint64_t n)
 static void *load_run(void *arg)
 {
     key_run *run = arg;
-    for (uint64_t i = 0; i < run->n && !bad(&run->l); i++)
+    for (uint64_t i = 0; i < run->n && !bad(&run->l); i++) {
+        r_mark(&run->l.r);
         load_key(&run->l, &run->keys[i]);
+    }
     index_keys(&run->l, run->keys, run->n);
     return NULL;
 }
@@ -991,16 +1093,17 @@ static void join_groups(loader *l, key_run *a, key_run *b)
 }
 
 /* The n keys, into one block; from `split` (a payload offset, 0: none) on
- * by a second thread. The first half must end exactly where the second
- * begins, and the loader goes on from where the second ends. */
-static void load_keys(loader *l, uint64_t n, uint64_t split, const uint8_t *data)
+ * by a second thread with a reader of its own. The first half must end
+ * exactly where the second begins, and the loader goes on from where the
+ * second ends, with its reader. */
+static void load_keys(loader *l, uint64_t n, uint64_t split, uint64_t len)
 {
     if (n == 0)
         return;
     rd *r = &l->r;
-    if (n > (uint64_t)(r->end - r->p) / 16 ||
-        (split != 0 && (n < 2 || split <= (uint64_t)(r->p - data) ||
-                        split >= (uint64_t)(r->end - data)))) {
+    if (n > (len - r_pos(r)) / 16 ||
+        (split != 0 && (n < 2 || split <= r_pos(r) || split >= len ||
+                        (r->file != NULL && r->stop != split)))) {
         r->bad = true;          /* a key takes more than 16 bytes */
         return;
     }
@@ -1016,9 +1119,14 @@ static void load_keys(loader *l, uint64_t n, uint64_t split, const uint8_t *data
     a.l.flows_lock = b.l.flows_lock = &lock;
     if (split != 0) {
         a.n = n / 2;
-        a.l.r.end = b.l.r.p = data + split;
         b.keys = keys + a.n;
         b.n = n - a.n;
+        if (r->file == NULL) {
+            a.l.r.end = b.l.r.p = r->buf + split;
+        } else if (r_file(&b.l.r, r->file, split, len) != KL_OK) {
+            l->rc = KL_ENOMEM;
+            return;
+        }
     }
     pthread_t t;
     bool apart = split != 0 && pthread_create(&t, NULL, load_run, &b) == 0;
@@ -1031,14 +1139,20 @@ static void load_keys(loader *l, uint64_t n, uint64_t split, const uint8_t *data
     end_run(&a);
     if (split != 0) {
         end_run(&b);
-        if (!bad(&a.l) && a.l.r.p != a.l.r.end)
+        if (!bad(&a.l) && !r_done(&a.l.r))
             a.l.r.bad = true;   /* the first half is not where the split is */
     }
     pthread_mutex_destroy(&lock);
-    const key_run *last = split != 0 && !bad(&a.l) ? &b : &a;
     l->rc = a.l.rc != KL_OK ? a.l.rc : b.l.rc;
-    r->bad = last->l.r.bad || a.l.r.bad;
-    r->p = last->l.r.p;
+    if (split != 0 && !bad(&a.l)) {
+        b.l.r.crc_before = r_crc(&a.l.r);
+        r_free(&a.l.r);
+        *r = b.l.r;
+    } else {
+        if (split != 0)
+            r_free(&b.l.r);
+        *r = a.l.r;
+    }
     kl_idmap_count_added(&l->p->key_by_id, a.l.indexed + b.l.indexed);
     join_groups(l, &a, &b);
 }
@@ -1196,7 +1310,7 @@ static void load_idem(loader *l)
 
 int kl_proj_snapshot_format(const uint8_t *data, size_t len)
 {
-    rd r = {data, data + len, false};
+    rd r = r_mem(data, len);
     r_arr_max(&r, 64);
     kl_str magic = r_s(&r, false, NULL);
     uint64_t format = r_u(&r, INT32_MAX);
@@ -1204,24 +1318,32 @@ int kl_proj_snapshot_format(const uint8_t *data, size_t len)
                    memcmp(magic.ptr, MAGIC, magic.len) == 0 ? (int)format : 0;
 }
 
-int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
+/* The state in the len bytes r reads (which it frees). */
+static int load(kl_proj **out, rd reader, uint64_t len, uint32_t *crc, kl_err *err)
 {
     *out = NULL;
-    loader l = {.r = {data, data + len, false}, .rc = KL_OK, .what = "header"};
+    loader l = {.r = reader, .rc = KL_OK, .what = "header"};
     rd *r = &l.r;
     r_arr(r, 13);
     kl_str magic = r_s(r, false, NULL);
     if (bad(&l) || magic.len != sizeof MAGIC - 1 || memcmp(magic.ptr, MAGIC, magic.len) != 0 ||
         r_u(r, UINT64_MAX) != FORMAT) {
         kl_err_set(err, "not a keyledger state snapshot of format %d", FORMAT);
+        r_free(r);
         return KL_ECORRUPT;
     }
     uint64_t seq = r_u(r, UINT64_MAX), n[9];
     for (int i = 0; i < 9; i++)
         n[i] = r_u(r, len);             /* every entity takes bytes */
     uint64_t split = r_u(r, len);
+    uint64_t stop = split != 0 ? split : len;   /* the second half's is another's */
+    if (r->file != NULL && r->next > stop)
+        r->bad = true;
+    else if (r->file != NULL)
+        r->stop = stop;
     if (bad(&l) || kl_proj_new(&l.p) != KL_OK) {
         kl_err_set(err, "snapshot header: %s", bad(&l) ? "malformed" : "out of memory");
+        r_free(r);
         return bad(&l) ? KL_ECORRUPT : KL_ENOMEM;
     }
     static const struct {
@@ -1244,25 +1366,52 @@ int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
     for (int k = 0; k < 9 && !bad(&l); k++) {
         l.what = KINDS[k].what;
         if (KINDS[k].load == NULL)
-            load_keys(&l, n[k], split, data);
-        for (uint64_t i = 0; KINDS[k].load != NULL && i < n[k] && !bad(&l); i++)
+            load_keys(&l, n[k], split, len);
+        for (uint64_t i = 0; KINDS[k].load != NULL && i < n[k] && !bad(&l); i++) {
+            r_mark(r);
             KINDS[k].load(&l);
+        }
     }
-    if (!bad(&l) && r->p != r->end) {
+    if (!bad(&l) && (!r_done(r) || r->stop != len)) {
         l.what = "the end";
         r->bad = true;
     }
+    uint64_t at = r_pos(r);
+    *crc = r_crc(r);
+    r_free(r);
     if (bad(&l)) {
         int rc = l.rc != KL_OK ? l.rc : KL_ECORRUPT;
-        kl_err_set(err, "snapshot: %s reading %s at byte %zu",
+        kl_err_set(err, "snapshot: %s reading %s at byte %llu",
                    rc == KL_ENOMEM ? "out of memory" : "malformed or inconsistent",
-                   l.what, (size_t)(r->p - data));
+                   l.what, (unsigned long long)at);
         kl_proj_free(l.p);
         return rc;
     }
     l.p->seq = seq;
     *out = l.p;
     return KL_OK;
+}
+
+int kl_proj_load(kl_proj **out, const uint8_t *data, size_t len, kl_err *err)
+{
+    uint32_t crc;
+    return load(out, r_mem(data, len), len, &crc, err);
+}
+
+/* Loads the payload of an open snapshot file, and gives its checksum. The
+ * header is in its first bytes: the first piece read stops short of any
+ * split (the header is far smaller). */
+enum { HEADER_MAX = 4096 };
+
+static int load_file(kl_proj **out, const kl_snapshot_data *file, uint32_t *crc,
+                     kl_err *err)
+{
+    rd r;
+    *out = NULL;
+    if (r_file(&r, file, 0, file->len) != KL_OK)
+        return KL_ENOMEM;
+    r.stop = file->len < HEADER_MAX ? file->len : HEADER_MAX;
+    return load(out, r, file->len, crc, err);
 }
 
 /* ---- starting from a snapshot ------------------------------------------ */
@@ -1290,21 +1439,6 @@ static int apply_tail(uint64_t seq, const uint8_t *payload, size_t len,
     return kl_proj_apply_record(t->p, payload, len, t->err);
 }
 
-/* The payload's checksum, computed on a second thread while the loader
- * reads the same bytes: the loader trusts none of them, and its result is
- * kept only if the checksum matches. */
-typedef struct crc_job {
-    const kl_snapshot_data *snap;
-    bool whole;
-} crc_job;
-
-static void *check_crc(void *arg)
-{
-    crc_job *j = arg;
-    j->whole = kl_snapshot_check(j->snap);
-    return NULL;
-}
-
 /* The state in snapshot `seq` if it is whole and of this log's history. */
 static int load_snapshot(kl_proj **out, kl_log *log, const char *dir, uint64_t seq,
                          uint8_t hash[KL_HASH_LEN], kl_err *err)
@@ -1314,19 +1448,16 @@ static int load_snapshot(kl_proj **out, kl_log *log, const char *dir, uint64_t s
     int rc = kl_snapshot_open(dir, seq, &snap, hash, err);
     if (rc != KL_OK)
         return rc;
-    crc_job job = {&snap, false};
-    pthread_t t;
-    bool apart = pthread_create(&t, NULL, check_crc, &job) == 0;
     kl_proj *p = NULL;
-    rc = kl_proj_load(&p, snap.data, snap.len, err);
-    if (apart)
-        pthread_join(t, NULL);
-    else
-        check_crc(&job);
+    uint32_t crc;
+    rc = load_file(&p, &snap, &crc, err);
+    /* A loader stops at the first byte it cannot use: whether the file is
+     * damaged or of another make, the checksum of the whole says. */
+    bool whole = rc == KL_OK ? crc == snap.crc : rc != KL_ECORRUPT || kl_snapshot_check(&snap);
     kl_snapshot_release(&snap);
     uint8_t head_hash[KL_HASH_LEN];
     kl_log_head_hash(log, head_hash);
-    if (!job.whole) {
+    if (!whole) {
         kl_err_set(err, "snapshot of seq %llu: payload checksum does not match",
                    (unsigned long long)seq);
         rc = KL_ECORRUPT;
