@@ -470,6 +470,15 @@ static void test_crc32c_long_buffers(void **state)
             size_t cut = n / 3 + off;
             assert_int_equal(kl_crc32c(kl_crc32c(0, buf + off, cut), buf + off + cut,
                                        n - cut), want);
+            /* Or checksummed apart and combined, whatever the lengths
+             * (an empty part included). */
+            size_t cuts[] = {0, 1, cut, n - 1, n};
+            for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++)
+                assert_int_equal(kl_crc32c_combine(kl_crc32c(0, buf + off, cuts[c]),
+                                                   kl_crc32c(0, buf + off + cuts[c],
+                                                             n - cuts[c]),
+                                                   n - cuts[c]),
+                                 want);
         }
     }
     free(buf);
