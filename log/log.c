@@ -387,10 +387,10 @@ static int segment_map(const kl_log *log, uint64_t first_seq, kl_buf *into, mapp
 
 static void segment_unmap(mapped *m)
 {
-    if (m->data != NULL && m->copied && !m->borrowed)
-        free((void *)m->data);
-    else if (m->data != NULL)
+    if (m->data != NULL && !m->copied)
         munmap((void *)m->data, m->size);
+    else if (m->data != NULL && !m->borrowed)
+        free((void *)m->data);
     m->data = NULL;
 }
 
