@@ -584,16 +584,48 @@ READER kl_str r_s(rd *r, bool nil_ok, bool *is_nil)
     return r->bad ? (kl_str){"", 0} : (kl_str){(const char *)at, (uint32_t)n};
 }
 
-READER const uint8_t *r_bin(rd *r, size_t *len)
+/* A bin header: the length of the bytes that follow. */
+READER uint64_t r_bin_len(rd *r)
 {
     uint8_t t = r_tag(r);
     uint64_t n = t == 0xc4 ? r_be(r, 1) : t == 0xc5 ? r_be(r, 2)
                  : t == 0xc6 ? r_be(r, 4) : UINT64_MAX;
     if (n == UINT64_MAX)
         r->bad = true;
+    return r->bad ? 0 : n;
+}
+
+READER const uint8_t *r_bin(rd *r, size_t *len)
+{
+    uint64_t n = r_bin_len(r);
     const uint8_t *at = r->bad ? NULL : r_take(r, (size_t)n);
     *len = at != NULL ? (size_t)n : 0;
     return at;
+}
+
+/* The next n bytes into out. From a file, what is not at hand yet is read
+ * straight there (an org's history is megabytes: through the buffer it
+ * would be fresh memory to fault in and a copy more); the buffer then goes
+ * on after those bytes, where nothing points. */
+static void r_copy(rd *r, void *out, size_t n)
+{
+    size_t have = (size_t)(r->end - r->p);
+    if (r->file == NULL || r->bad || have >= n) {
+        const uint8_t *at = r_take(r, n);
+        if (at != NULL)
+            memcpy(out, at, n);
+        return;
+    }
+    uint8_t *to = (uint8_t *)out + have;
+    size_t rest = n - have;
+    if (rest > r->stop - r->next || !kl_snapshot_pread(r->file, to, rest, r->next)) {
+        r->bad = true;
+        return;
+    }
+    memcpy(out, r->p, have);
+    r->crc = kl_crc32c(r->crc, to, rest);
+    r->next += rest;
+    r->p = r->end = r->buf + (r->next - r->at);
 }
 
 READER void r_fixed(rd *r, void *out, size_t want)
@@ -729,16 +761,15 @@ static void load_org(loader *l)
     o->used_day = r_u(r, UINT64_MAX);
     o->used_month_start = r_i(r);
     o->used_month = r_u(r, UINT64_MAX);
-    size_t n;
-    const uint8_t *h = r_bin(r, &n);
-    if (bad(l) || n % 8 != 0)
+    uint64_t n = r_bin_len(r);
+    if (bad(l) || n % 8 != 0 || n > r->stop - r_pos(r))
         r->bad = true;
     else if (n > 0) {
-        if ((o->history = kl_big_alloc(n)) == NULL) {
+        if ((o->history = kl_big_alloc((size_t)n)) == NULL) {
             l->rc = KL_ENOMEM;
             return;
         }
-        memcpy(o->history, h, n);
+        r_copy(r, o->history, (size_t)n);
         o->history_len = o->history_cap = n / 8;
     }
 }
