@@ -328,8 +328,8 @@ static int segment_create(const char *dir, uint64_t first_seq,
 typedef struct mapped {
     const uint8_t *data;
     size_t size;
-    bool copied;
-    bool borrowed;              /* the copy is in the caller's buffer */
+    bool copied;                /* data is a copy, not a mapping */
+    kl_buf own;                 /* the copy, when the caller gave no buffer */
 } mapped;
 
 static int segment_map(const kl_log *log, uint64_t first_seq, kl_buf *into, mapped *m,
@@ -349,28 +349,24 @@ static int segment_map(const kl_log *log, uint64_t first_seq, kl_buf *into, mapp
             close(fd);
         return KL_EIO;
     }
-    m->size = (size_t)st.st_size;
-    m->data = NULL;
-    m->copied = into != NULL || log->cfg.read_only;
-    m->borrowed = into != NULL;
+    *m = (mapped){.size = (size_t)st.st_size, .copied = into != NULL || log->cfg.read_only};
     int rc = KL_OK;
     if (m->size > 0 && m->copied) {
-        if (into != NULL)
-            into->len = 0;
-        uint8_t *p = into == NULL                                 ? malloc(m->size)
-                     : kl_buf_reserve(into, m->size) == KL_OK ? (uint8_t *)into->data
-                                                              : NULL;
-        ssize_t got = p != NULL ? kl_read_all(fd, p, m->size, 0) : 0;
-        if (p == NULL || got < 0) {
-            kl_err_set(err, "segment %s: %s", name, p == NULL ? "out of memory"
-                                                                : strerror(errno));
-            rc = p == NULL ? KL_ENOMEM : KL_EIO;
-            if (into == NULL)
-                free(p);
+        kl_buf *b = into != NULL ? into : &m->own;
+        ssize_t got = 0;
+        b->len = 0;
+        if (kl_buf_reserve(b, m->size) != KL_OK) {
+            kl_err_set(err, "segment %s: out of memory", name);
+            rc = KL_ENOMEM;
+        } else if ((got = kl_read_all(fd, b->data, m->size, 0)) < 0) {
+            kl_err_set(err, "segment %s: %s", name, strerror(errno));
+            rc = KL_EIO;
         } else {
-            m->data = p;
+            m->data = (const uint8_t *)b->data;
             m->size = (size_t)got;      /* less if it was cut meanwhile */
         }
+        if (rc != KL_OK)
+            kl_buf_free(&m->own);
     } else if (m->size > 0) {
         void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (p == MAP_FAILED) {
@@ -389,8 +385,7 @@ static void segment_unmap(mapped *m)
 {
     if (m->data != NULL && !m->copied)
         munmap((void *)m->data, m->size);
-    else if (m->data != NULL && !m->borrowed)
-        free((void *)m->data);
+    kl_buf_free(&m->own);
     m->data = NULL;
 }
 

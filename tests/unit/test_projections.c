@@ -775,9 +775,10 @@ static void set_split(uint8_t *at, uint64_t split)
 /* A snapshot of 20,000 keys or more loads in two halves on two threads:
  * owners and flow lists changing in runs, two orgs (the second's keys cut
  * between the halves), deleted and revoked keys, all the same after the
- * load (the round trip also cuts and flips bytes); a split that is not where the second half begins is refused, 0
- * means one loader; a loaded key's texts (from the loader's chunks) can be
- * replaced, and every flow list counts exactly the keys holding it. */
+ * load (the round trip also cuts and flips bytes); a split that is not
+ * where the second half begins is refused, 0 means one loader; a loaded
+ * key's texts (from the loader's chunks) can be replaced, and every flow
+ * list counts exactly the keys holding it. */
 static void test_snapshot_in_two_halves(void **state)
 {
     (void)state;
@@ -1868,7 +1869,7 @@ static uint64_t rebuilt_from(world *w, kl_log *log, const char *dir, const char 
 }
 
 /* A start from a snapshot file through kl_proj_rebuild: 22,000 keys (two
- * halves), one with an hourly usage history of 280 KB, texts and flows; it
+ * halves, each read from the file in pieces), one with an hourly usage history of 280 KB, texts and flows; it
  * equals the live state. A flipped byte in either half, or the split moved
  * by one under a checksum made for it, and the start replays the whole log
  * instead, to the same state. */
@@ -1915,7 +1916,7 @@ static void test_snapshot_from_file(void **state)
 
     kl_buf snap = {0};
     assert_int_equal(kl_proj_snapshot(w->p, &snap), KL_OK);
-    assert_true(snap.len > (4u << 20));
+    assert_true(snap.len > (4u << 20));     /* pieces and windows many times over */
     snapshot_file(dir, log, (const uint8_t *)snap.data, snap.len);
     assert_int_equal(rebuilt_from(w, log, dir, live), kl_log_head_seq(log));
 
